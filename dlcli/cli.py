@@ -1,0 +1,410 @@
+"""The `dlcli` command line: train, eval, predict and visualize every task.
+
+This module imports no TensorFlow: help and `dlcli tasks` answer at once, and the
+task modules pull in TensorFlow only when a command does real work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import Annotated
+
+from dlcli import __version__, config as config_lib
+from dlcli.errors import DlcliError, UsageError
+from dlcli.lazy import quiet_tensorflow
+from dlcli.progress import Reporter
+from dlcli.runs import DEFAULT_ROOT, Run
+from dlcli.tasks import TASK_NAMES, Context, Option, all_views, get_task
+
+quiet_tensorflow()
+
+app = typer.Typer(
+    name="dlcli",
+    help="Train, evaluate and use the deep-learning course's models from the shell.\n\n"
+    "Tasks: " + ", ".join(TASK_NAMES) + ". Run `dlcli tasks` to see them with their views.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+ERR = Console(stderr=True, highlight=False)
+
+# -- options shared by the commands ----------------------------------------------------
+
+TaskArg = Annotated[str, typer.Argument(help="Task: " + ", ".join(TASK_NAMES) + ".", show_default=False)]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.", show_default=False)]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.", show_default=False)]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same run).", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config keys.", show_default=False)]
+SetOpt = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", help="Override a config key: --set model.units=128 (repeatable).", show_default=False),
+]
+DatasetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dataset",
+        help="Data: a tensorflow-datasets NAME, folder:PATH, npz:PATH or text:PATH.",
+        show_default=False,
+    ),
+]
+DataDirOpt = Annotated[
+    Optional[str], typer.Option("--data-dir", help="tensorflow-datasets data directory (or TFDS_DATA_DIR).", show_default=False)
+]
+RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name (default: a time stamp; newest run for eval).", show_default=False)]
+RootOpt = Annotated[Path, typer.Option("--checkpoint-dir", help="Where runs live.")]
+CheckpointOpt = Annotated[
+    Optional[Path], typer.Option("--checkpoint", help="Use this model file instead of a run's.", show_default=False)
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed epoch.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; all else goes to stderr.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Where to write the output.", show_default=False)]
+
+
+def _reporter(json_mode: bool, quiet: bool) -> Reporter:
+    console = Console(stderr=json_mode, highlight=False)
+    return Reporter(console, quiet=quiet)
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def handle_errors(command):
+    """Turn every failure into one line on stderr and the right exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DlcliError as exc:
+            ERR.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            ERR.print("interrupted; `--resume` continues a training run from its last completed epoch")
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # the last resort: still one line, never a traceback
+            if os.environ.get("DLCLI_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            ERR.print(
+                f"[red]error:[/] {type(exc).__name__}: {first} (set DLCLI_DEBUG=1 for the traceback)",
+                markup=True, highlight=False, soft_wrap=True,
+            )
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def parse_task_options(tokens: list[str], spec: dict[str, Option], where: str) -> tuple[dict, list[str]]:
+    """Split leftover tokens into task options (`--top-k 5`) and positional inputs."""
+    values = {name: opt.default for name, opt in spec.items()}
+    inputs: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            inputs.append(token)
+            i += 1
+            continue
+        name, eq, inline = token[2:].partition("=")
+        key = name.replace("-", "_")
+        negated = key.startswith("no_") and key[3:] in spec and spec[key[3:]].type is bool
+        if key not in spec and not negated:
+            valid = ", ".join("--" + k.replace("_", "-") for k in spec) or "none"
+            raise UsageError(f"unknown option --{name} for {where}; its options: {valid}")
+        if negated:
+            values[key[3:]] = False
+            i += 1
+            continue
+        opt = spec[key]
+        if opt.type is bool and not eq:
+            values[key] = True
+            i += 1
+            continue
+        raw = [inline] if eq else tokens[i + 1 : i + 1 + opt.nargs]
+        if len(raw) < opt.nargs or any(r.startswith("--") for r in raw if not eq):
+            raise UsageError(f"--{name} needs {opt.nargs} value(s)")
+        converted = [_convert(r, opt.type, name) for r in raw]
+        values[key] = converted[0] if opt.nargs == 1 else converted
+        i += 1 + (0 if eq else opt.nargs)
+    return values, inputs
+
+
+def _convert(raw: str, kind: type, name: str) -> Any:
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"--{name} must be true or false; got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise UsageError(f"--{name} must be {'an integer' if kind is int else 'a number' if kind is float else kind.__name__}; got {raw!r}") from None
+
+
+def _config_flags(tokens: list[str], defaults: dict, task: str) -> dict:
+    """Top-level config keys given as flags on `train`: `--model cnn` means model=cnn."""
+    spec = {k: Option(str, None, "") for k, v in defaults.items() if not isinstance(v, dict)}
+    values, inputs = parse_task_options(tokens, spec, f"`dlcli train {task}` (or use --set KEY=VALUE)")
+    if inputs:
+        raise UsageError(f"unexpected argument {inputs[0]!r}")
+    return {k: config_lib.parse_set(f"{k}={v}")[1] for k, v in values.items() if v is not None}
+
+
+def _open_run(task: str, root: Path, run_name: str | None, checkpoint: Path | None) -> Run:
+    """The run whose model eval/predict/visualize use."""
+    if checkpoint is not None:
+        if not checkpoint.exists():
+            raise UsageError(f"checkpoint {checkpoint} does not exist")
+        return Run(task, checkpoint.resolve().parent)
+    return Run.find(root, task, run_name)
+
+
+def _run_config(task_name: str, run: Run, overrides: dict) -> dict:
+    task = get_task(task_name)
+    base = run.read_config() if run.config_path.exists() else {}
+    return config_lib.resolve(task.defaults, base=base, flags=overrides, choices=task.choices)
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+@app.command("tasks")
+@handle_errors
+def tasks_command(
+    root: RootOpt = DEFAULT_ROOT,
+    json_mode: JsonOpt = False,
+) -> None:
+    """List every task with its default data set, its views and its newest trained run."""
+    rows = []
+    for name in TASK_NAMES:
+        task = get_task(name)
+        finished = [r for r in Run.all(root, name) if r.finished]
+        rows.append(
+            {
+                "task": name,
+                "summary": task.summary,
+                "dataset": task.default_dataset,
+                "views": list(task.views),
+                "trained": finished[-1].name if finished else None,
+            }
+        )
+    if json_mode:
+        _emit_json({"tasks": rows, "views_for_any_task": ["training-curves"]})
+        return
+    table = Table(title="dlcli tasks", header_style="bold")
+    for column in ("task", "what it does", "default data", "views", "trained"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["task"], row["summary"], row["dataset"], ", ".join(row["views"]),
+            row["trained"] or "[dim]no[/]",
+        )
+    console = Console()
+    console.print(table)
+    console.print("Any task's run also has the view [bold]training-curves[/].")
+
+
+@app.command("train", context_settings=EXTRA_ARGS)
+@handle_errors
+def train_command(
+    ctx: typer.Context,
+    task_name: TaskArg,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    config_file: ConfigOpt = None,
+    sets: SetOpt = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    run_name: RunOpt = None,
+    root: RootOpt = DEFAULT_ROOT,
+    resume: ResumeOpt = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")] = False,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a task's model and save the run under checkpoints/TASK/RUN/.
+
+    Config precedence: task defaults < --config FILE < --set KEY=VALUE < flags. Any
+    top-level config key is also a flag: `dlcli train mnist --model cnn`.
+    """
+    task = get_task(task_name)
+    flags = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "dataset": dataset, "data_dir": data_dir,
+    }
+    flags.update(_config_flags(list(ctx.args), task.defaults, task_name))
+    run = None
+    if resume:
+        run = Run.find(root, task_name, run_name, finished=False)
+        if config_file:
+            raise UsageError("--config cannot change a run being resumed; use --set or flags")
+        cfg = config_lib.resolve(task.defaults, sets=sets or [], flags=flags, choices=task.choices, base=run.read_config())
+    else:
+        cfg = config_lib.resolve(task.defaults, config_file, sets or [], flags, task.choices)
+    if print_config:
+        sys.stdout.write(config_lib.to_yaml(cfg))
+        return
+    reporter = _reporter(json_mode, quiet)
+    run = run or Run.create(root, task_name, run_name)
+    run.lock()
+    try:
+        run.write_config(cfg)
+        reporter.info(f"training [bold]{task_name}[/] -> {run.dir}")
+        metrics = task.train(Context(cfg=cfg, run=run, reporter=reporter, resume=resume))
+        run.write_metrics(metrics)
+    finally:
+        run.unlock()
+    reporter.table(f"{task_name} / {run.name}", metrics)
+    if json_mode:
+        _emit_json({"task": task_name, "run": str(run.dir), "config": cfg, "metrics": metrics})
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    task_name: TaskArg,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchOpt = None,
+    run_name: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    root: RootOpt = DEFAULT_ROOT,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a trained run on its task's test data (the newest finished run by default)."""
+    task = get_task(task_name)
+    run = _open_run(task_name, root, run_name, checkpoint)
+    cfg = _run_config(task_name, run, {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size})
+    reporter = _reporter(json_mode, quiet)
+    metrics = task.evaluate(Context(cfg=cfg, run=run, reporter=reporter, checkpoint=checkpoint))
+    reporter.table(f"{task_name} / {run.name}: evaluation", metrics)
+    if json_mode:
+        _emit_json({"task": task_name, "run": str(run.dir), "metrics": metrics})
+
+
+@app.command("predict", context_settings=EXTRA_ARGS)
+@handle_errors
+def predict_command(
+    ctx: typer.Context,
+    task_name: TaskArg,
+    inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (images for image tasks).", show_default=False)] = None,
+    run_name: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    root: RootOpt = DEFAULT_ROOT,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Use a trained model on new inputs: `dlcli predict mnist digit.png more.png`.
+
+    Task options (for example `--top-k 3`) come after the task; `dlcli tasks` lists the tasks.
+    Files that cannot be read are reported by name; the others are still predicted.
+    """
+    task = get_task(task_name)
+    options, files = parse_task_options(list(inputs or []) + list(ctx.args), task.predict_options, f"`dlcli predict {task_name}`")
+    run = _open_run(task_name, root, run_name, checkpoint)
+    cfg = _run_config(task_name, run, {"seed": seed})
+    reporter = _reporter(json_mode, quiet)
+    context = Context(cfg=cfg, run=run, reporter=reporter, options=options, checkpoint=checkpoint, out=out)
+    rows = task.predict(context, files)
+    failures = [r for r in rows if "error" in r]
+    if json_mode:
+        _emit_json(rows)
+    else:
+        for row in rows:
+            if "error" in row:
+                continue
+            shown = row.get("text") or "  ".join(f"{k} {v}" for k, v in row.items() if k != "input")
+            reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False, markup=False)
+    for row in failures:
+        ERR.print(f"[red]error:[/] {row['error']}", markup=True, highlight=False, soft_wrap=True)
+    if failures:
+        ERR.print(f"{len(failures)} of {len(rows)} inputs failed", highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command("visualize", context_settings=EXTRA_ARGS)
+@handle_errors
+def visualize_command(
+    ctx: typer.Context,
+    view_name: Annotated[str, typer.Argument(help="View, for example mnist-confusion or training-curves (`dlcli tasks` lists them).", show_default=False)],
+    task_name: Annotated[Optional[str], typer.Option("--task", help="Task whose run to draw (for views of any task).", show_default=False)] = None,
+    run_name: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    root: RootOpt = DEFAULT_ROOT,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Draw a picture from a trained run and print the PNG's path."""
+    views = all_views()
+    if view_name not in views:
+        raise UsageError(f"unknown view {view_name!r}; valid views: {', '.join(views)}")
+    owner, view = views[view_name]
+    if owner and task_name and task_name != owner:
+        raise UsageError(f"view {view_name} belongs to task {owner}, not {task_name}")
+    task_name = owner or task_name or _newest_task(root)
+    options, extra = parse_task_options(list(ctx.args), view.options, f"`dlcli visualize {view_name}`")
+    if extra:
+        raise UsageError(f"unexpected argument {extra[0]!r}")
+    run = _open_run(task_name, root, run_name, checkpoint)
+    cfg = _run_config(task_name, run, {"dataset": dataset, "data_dir": data_dir, "seed": seed})
+    reporter = _reporter(json_mode, quiet)
+    if out is not None and out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: views are PNG files; give a path ending in .png")
+    path = view.draw(Context(cfg=cfg, run=run, reporter=reporter, options=options, checkpoint=checkpoint, out=out))
+    if json_mode:
+        _emit_json({"view": view_name, "task": task_name, "run": str(run.dir), "path": str(path)})
+    elif not quiet:
+        Console().print(str(path), highlight=False)
+
+
+def _newest_task(root: Path) -> str:
+    finished = [r for name in TASK_NAMES for r in Run.all(root, name) if r.finished]
+    if not finished:
+        raise UsageError(f"no finished run in {root}; train one first, or pass --task")
+    return max(finished, key=lambda r: r.metrics_path.stat().st_mtime).task
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"dlcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Train, evaluate and use the deep-learning course's models from the shell."""
+
+
+def main() -> None:
+    app()

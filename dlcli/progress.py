@@ -1,0 +1,127 @@
+"""What people see while a command works: rich bars on a terminal, plain lines elsewhere.
+
+A `Reporter` is the one object tasks talk to. On a terminal it shows an epoch bar and a
+batch bar with live loss and metrics, elapsed and remaining time; without a terminal (a
+batch job, a pipe) it prints one line per epoch; with `--quiet` it prints nothing but
+errors. With `--json` all of it goes to stderr, so stdout stays one JSON document.
+
+Example:
+    reporter = Reporter(Console(stderr=True))
+    reporter.start(epochs=3)
+    for epoch in range(3):
+        reporter.start_epoch(epoch, steps=100)
+        ...
+        reporter.end_epoch(epoch, {"loss": 0.1})
+    reporter.finish()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+def format_logs(logs: Mapping[str, float]) -> str:
+    parts = []
+    for key, value in logs.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return "  ".join(parts)
+
+
+class Reporter:
+    def __init__(self, console: Console, quiet: bool = False, live: bool | None = None):
+        self.console = console
+        self.quiet = quiet
+        self.live = (console.is_terminal if live is None else live) and not quiet
+        self._progress: Progress | None = None
+        self._epoch_task = None
+        self._batch_task = None
+        self._epochs = 0
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    # -- training progress --------------------------------------------------------
+
+    def start(self, epochs: int, initial_epoch: int = 0) -> None:
+        self._epochs = epochs
+        if not self.live:
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("<"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[logs]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.start()
+        self._epoch_task = self._progress.add_task(
+            "epochs", total=epochs, completed=initial_epoch, logs=""
+        )
+
+    def start_epoch(self, epoch: int, steps: int | None) -> None:
+        if not self._progress:
+            return
+        if self._batch_task is not None:
+            self._progress.remove_task(self._batch_task)
+        self._batch_task = self._progress.add_task(
+            f"epoch {epoch + 1}", total=steps, logs=""
+        )
+
+    def batch(self, step: int, logs: Mapping[str, float] | None = None) -> None:
+        if self._progress and self._batch_task is not None:
+            self._progress.update(
+                self._batch_task, completed=step + 1, logs=format_logs(logs or {})
+            )
+
+    def end_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        if self._progress:
+            self._progress.update(self._epoch_task, completed=epoch + 1, logs=format_logs(logs))
+        elif not self.quiet:
+            self.console.print(
+                f"epoch {epoch + 1}/{self._epochs}  {format_logs(logs)}", highlight=False, soft_wrap=True
+            )
+
+    def finish(self) -> None:
+        if self._progress:
+            self._progress.stop()
+            self._progress = None
+            self._batch_task = None
+
+    # -- results ------------------------------------------------------------------
+
+    def table(self, title: str, values: Mapping[str, object]) -> None:
+        if self.quiet:
+            return
+        table = Table(title=title, show_header=True, header_style="bold")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in values.items():
+            if isinstance(value, float) and math.isfinite(value):
+                shown = f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+            else:
+                shown = str(value)
+            table.add_row(key, shown)
+        self.console.print(table)

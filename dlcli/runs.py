@@ -1,0 +1,283 @@
+"""Run directories: where a training run keeps everything it makes.
+
+    checkpoints/<task>/<run>/
+        config.yaml      the resolved configuration
+        model.keras      the trained model (model.npz for NumPy tasks)
+        history.csv      one row per completed epoch
+        metrics.json     final metrics; its presence marks the run as finished
+        backup/          per-epoch checkpoints that --resume continues from
+        logs/            TensorBoard event files
+        views/           pictures made by `dlcli visualize`
+
+Every file is written atomically (temporary file, fsync, rename), so a crash or a full
+disk leaves either the old complete file or the new complete one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import errno
+import fcntl
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from dlcli.errors import RunError, UsageError
+
+DEFAULT_ROOT = Path("checkpoints")
+KEEP_BACKUPS = 2
+
+
+def _describe_os_error(exc: OSError, path: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {path}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` and move tmp over `path` only if it succeeded."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunError(_describe_os_error(exc, path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+class Run:
+    """One training run of one task, on disk."""
+
+    def __init__(self, task: str, directory: Path):
+        self.task = task
+        self.dir = Path(directory)
+        self._lock_fh = None
+
+    name = property(lambda self: self.dir.name)
+    config_path = property(lambda self: self.dir / "config.yaml")
+    history_path = property(lambda self: self.dir / "history.csv")
+    metrics_path = property(lambda self: self.dir / "metrics.json")
+    backup_dir = property(lambda self: self.dir / "backup")
+    logs_dir = property(lambda self: self.dir / "logs")
+    views_dir = property(lambda self: self.dir / "views")
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics_path.exists()
+
+    # -- creating and finding -------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, task: str, name: str | None = None) -> "Run":
+        name = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        _check_name(name)
+        directory = Path(root) / task / name
+        if directory.exists() and any(directory.iterdir()):
+            raise UsageError(
+                f"run directory {directory} already exists; use --resume to continue it "
+                "or --run NAME for a new run"
+            )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(_describe_os_error(exc, directory)) from None
+        return cls(task, directory)
+
+    @classmethod
+    def find(cls, root: Path, task: str, name: str | None = None, finished: bool = True) -> "Run":
+        """The named run, or the newest (finished) run of the task."""
+        task_dir = Path(root) / task
+        if name:
+            _check_name(name)
+            run = cls(task, task_dir / name)
+            if not run.dir.is_dir():
+                raise UsageError(f"no run {name!r} of task {task} in {task_dir}")
+            if finished and not run.finished:
+                raise UsageError(
+                    f"run {run.dir} has not finished training; resume it with "
+                    f"`dlcli train {task} --run {name} --resume`"
+                )
+            return run
+        runs = [r for r in cls.all(root, task) if r.finished or not finished]
+        if not runs:
+            what = "finished run" if finished else "run"
+            raise UsageError(
+                f"no {what} of task {task} in {task_dir}; train one with `dlcli train {task}`"
+            )
+        return runs[-1]
+
+    @classmethod
+    def all(cls, root: Path, task: str) -> list["Run"]:
+        """The task's runs, oldest first (by the time their directory last changed)."""
+        task_dir = Path(root) / task
+        if not task_dir.is_dir():
+            return []
+        runs = [cls(task, d) for d in task_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        return sorted(runs, key=lambda r: (r._stamp(), r.name))
+
+    def _stamp(self) -> float:
+        marker = self.metrics_path if self.finished else self.dir
+        return marker.stat().st_mtime
+
+    # -- locking --------------------------------------------------------------
+
+    def lock(self) -> "Run":
+        """Refuse a second process on the same run directory."""
+        fh = open(self.dir / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise UsageError(f"run {self.dir} is in use by {owner}; wait for it or pick another --run")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fh:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # -- reading and writing ---------------------------------------------------
+
+    def write_config(self, cfg: dict) -> None:
+        atomic_write_text(self.config_path, yaml.safe_dump(cfg, sort_keys=False))
+
+    def read_config(self) -> dict:
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except (OSError, yaml.YAMLError):
+            raise UsageError(f"run {self.dir} has no readable config.yaml") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{self.config_path} is not a configuration")
+        return data
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.metrics_path, {"task": self.task, **metrics})
+
+    def read_metrics(self) -> dict:
+        try:
+            return json.loads(self.metrics_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_history(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        buf = io.StringIO()
+        if rows:
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(buf, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_text(self.history_path, buf.getvalue())
+
+    def read_history(self) -> list[dict]:
+        if not self.history_path.exists():
+            return []
+        with open(self.history_path, newline="") as fh:
+            return [
+                {k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)
+            ]
+
+    # -- per-epoch checkpoints for --resume ----------------------------------------------
+
+    def latest_backup(self) -> Path | None:
+        """The newest complete backup/epoch-NNNN/ directory, if any."""
+        if not self.backup_dir.is_dir():
+            return None
+        done = sorted(d for d in self.backup_dir.glob("epoch-*") if (d / "state.json").exists())
+        return done[-1] if done else None
+
+    def save_backup(self, epoch: int, history: list[dict], files: dict[str, Callable[[Path], Any]]) -> Path:
+        """Write backup/epoch-NNNN/ completely (each `files` writer, then state.json), then
+        rename it into place, so a crash never leaves a torn checkpoint."""
+        final = self.backup_dir / f"epoch-{epoch + 1:04d}"
+        tmp = self.backup_dir / f".epoch-{epoch + 1:04d}.tmp-{os.getpid()}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, write in files.items():
+                write(tmp / name)
+            with open(tmp / "state.json", "w") as fh:
+                json.dump({"epochs_done": epoch + 1, "history": history}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
+        for old in sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def views_path(self, view: str, suffix: str = ".png") -> Path:
+        self.views_dir.mkdir(parents=True, exist_ok=True)
+        return self.views_dir / f"{view}{suffix}"
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or "/" in name or name in ("..",):
+        raise UsageError(f"invalid run name {name!r}: use letters, digits, '-', '_' and '.'")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put a finished file at `dst` atomically, without copying where a hard link works."""
+
+    def write(tmp: Path) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, write)

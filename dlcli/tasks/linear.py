@@ -1,0 +1,380 @@
+"""Task `linear`: logistic and linear regression trained by hand-written optimizers (NumPy only).
+
+Week 1 of the course: a linear model on 2-D points with a circular class boundary,
+made separable by the quadratic features [x0, x1, x0^2, x1^2, x0*x1, 1]. The gradient
+is derived by hand, and so is every optimizer, with the course's update formulas:
+
+    sgd        w -= lr * g
+    momentum   nu = a * nu + lr * g;              w -= nu
+    nesterov   nu = a * nu + lr * g(w - a * nu);  w -= nu
+    adagrad    G += g^2;                          w -= lr * g / sqrt(G + eps)
+    rmsprop    G = a * G + (1 - a) * g^2;         w -= lr * g / sqrt(G + eps)
+    adam       m, v = moving means of g and g^2 (bias-corrected); w -= lr * m / (sqrt(v) + eps)
+
+Mini-batches are drawn with replacement, as in the course. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dlcli import data as data_lib
+from dlcli.errors import UsageError
+from dlcli.runs import atomic_write, link_or_copy
+from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
+# The course's settings for the optimizer comparison (seed 42, 100 iterations, batch 4).
+COURSE_LR = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.1, "rmsprop": 0.1, "adam": 0.1}
+
+DEFAULTS = {
+    **common_defaults(dataset="circles", epochs=20, batch_size=16, lr=0.1),
+    "mode": "logistic",
+    "features": "quadratic",
+    "optimizer": "adam",
+    "alpha": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-8,
+    "l1": 0.0,
+    "l2": 0.0,
+    "steps_per_epoch": 50,
+    "val_fraction": 0.2,
+    "n_points": 826,
+}
+CHOICES = {"mode": ["logistic", "regression"], "features": ["quadratic", "linear"], "optimizer": list(OPTIMIZERS)}
+
+
+# -- data -----------------------------------------------------------------------------
+
+
+def make_circles(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """2-D Gaussian points, label 1 inside a noisy circle of radius 1.4 (like the course's)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2))
+    radius = np.sqrt((x**2).sum(1)) + rng.normal(scale=0.25, size=n)
+    return x, (radius < 1.4).astype(np.float64)
+
+
+def load_data(cfg: dict) -> dict:
+    """{"x_train", "y_train", "x_val", "y_val"} from the generated circles or an .npz file."""
+    if cfg["dataset"] == "circles":
+        x, y = make_circles(cfg["n_points"], cfg["seed"] or 0)
+    else:
+        kind, path = data_lib.parse_dataset(cfg["dataset"], allowed=("npz",))
+        arrays = data_lib.load_npz(path, keys=("x_train", "y_train"))
+        x, y = arrays["x_train"].astype(np.float64), arrays["y_train"].astype(np.float64).ravel()
+        if x.ndim != 2 or x.shape[1] != 2 or len(x) != len(y):
+            raise UsageError(f"{path}: x_train must be (N, 2) points and y_train (N,) targets")
+        if "x_test" in arrays and "y_test" in arrays:
+            return {"x_train": x, "y_train": y, "x_val": arrays["x_test"].astype(np.float64),
+                    "y_val": arrays["y_test"].astype(np.float64).ravel()}
+    order = np.random.default_rng(cfg["seed"] or 0).permutation(len(x))
+    n_val = int(round(len(x) * cfg["val_fraction"]))
+    val, train = order[:n_val], order[n_val:]
+    return {"x_train": x[train], "y_train": y[train], "x_val": x[val], "y_val": y[val]}
+
+
+def expand(x: np.ndarray, features: str = "quadratic") -> np.ndarray:
+    """[x0, x1, x0^2, x1^2, x0*x1, 1] (quadratic) or [x0, x1, 1] (linear)."""
+    x = np.asarray(x, dtype=np.float64)
+    ones = np.ones((len(x), 1))
+    if features == "linear":
+        return np.hstack([x, ones])
+    return np.hstack([x, x**2, x[:, :1] * x[:, 1:2], ones])
+
+
+# -- model: loss and its hand-derived gradient ---------------------------------------
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * z))  # stable for large |z|
+
+
+def predict_values(w: np.ndarray, X: np.ndarray, mode: str) -> np.ndarray:
+    z = X @ w
+    return sigmoid(z) if mode == "logistic" else z
+
+
+def loss(w: np.ndarray, X: np.ndarray, y: np.ndarray, mode: str, l1: float = 0.0, l2: float = 0.0) -> float:
+    """Mean log-loss (logistic) or mean squared error (regression), plus penalties.
+
+    The penalties leave out the bias (the last weight), as is usual.
+    """
+    if mode == "logistic":
+        p = np.clip(sigmoid(X @ w), 1e-12, 1 - 1e-12)
+        data = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    else:
+        data = np.mean((X @ w - y) ** 2)
+    wb = w[:-1]
+    return float(data + l1 * np.abs(wb).sum() + l2 * (wb**2).sum())
+
+
+def gradient(w: np.ndarray, X: np.ndarray, y: np.ndarray, mode: str, l1: float = 0.0, l2: float = 0.0) -> np.ndarray:
+    """d loss / d w, derived by hand: X^T (p - y) / n for log-loss, 2 X^T (Xw - y) / n for MSE."""
+    n = len(y)
+    if mode == "logistic":
+        g = X.T @ (sigmoid(X @ w) - y) / n
+    else:
+        g = 2 * X.T @ (X @ w - y) / n
+    penalty = l1 * np.sign(w) + 2 * l2 * w
+    penalty[-1] = 0.0
+    return g + penalty
+
+
+# -- optimizers ------------------------------------------------------------------------
+
+
+class Optimizer:
+    """One of the course's update rules; `state` holds its slots so a run can resume."""
+
+    def __init__(self, name: str, lr: float, alpha: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        if name not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        self.name, self.lr, self.alpha, self.beta2, self.eps = name, lr, alpha, beta2, eps
+        self.state: dict[str, np.ndarray] = {}
+
+    def step(self, w: np.ndarray, grad_fn) -> np.ndarray:
+        lr, a, eps = self.lr, self.alpha, self.eps
+        s = self.state
+        if self.name == "sgd":
+            return w - lr * grad_fn(w)
+        if self.name in ("momentum", "nesterov"):
+            nu = s.get("nu", np.zeros_like(w))
+            g = grad_fn(w - a * nu) if self.name == "nesterov" else grad_fn(w)
+            s["nu"] = a * nu + lr * g
+            return w - s["nu"]
+        g = grad_fn(w)
+        if self.name == "adagrad":
+            s["G"] = s.get("G", np.zeros_like(w)) + g**2
+            return w - lr * g / np.sqrt(s["G"] + eps)
+        if self.name == "rmsprop":
+            s["G"] = a * s.get("G", np.zeros_like(w)) + (1 - a) * g**2
+            return w - lr * g / np.sqrt(s["G"] + eps)
+        # adam
+        t = s.get("t", np.zeros(1)) + 1
+        s["t"] = t
+        s["m"] = a * s.get("m", np.zeros_like(w)) + (1 - a) * g
+        s["v"] = self.beta2 * s.get("v", np.zeros_like(w)) + (1 - self.beta2) * g**2
+        m_hat = s["m"] / (1 - a**t)
+        v_hat = s["v"] / (1 - self.beta2**t)
+        return w - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def initial_weights(n_features: int) -> np.ndarray:
+    """The course's start: zeros with a bias of 1."""
+    w = np.zeros(n_features)
+    w[-1] = 1.0
+    return w
+
+
+def run_optimizer(X, y, name: str, lr: float, iterations: int, batch_size: int, seed: int,
+                  mode: str = "logistic", alpha: float = 0.9, l1: float = 0.0, l2: float = 0.0) -> list[float]:
+    """The course's experiment: full-data loss after each of `iterations` mini-batch steps."""
+    rng = np.random.default_rng(seed)
+    w = initial_weights(X.shape[1])
+    opt = Optimizer(name, lr, alpha=alpha)
+    losses = []
+    for _ in range(iterations):
+        idx = rng.integers(0, len(X), size=batch_size)
+        w = opt.step(w, lambda v: gradient(v, X[idx], y[idx], mode, l1, l2))
+        losses.append(loss(w, X, y, mode, l1, l2))
+    return losses
+
+
+# -- train / evaluate / predict ----------------------------------------------------------
+
+
+def _metrics(w, X, y, cfg, prefix="") -> dict:
+    out = {f"{prefix}loss": loss(w, X, y, cfg["mode"], cfg["l1"], cfg["l2"])}
+    pred = predict_values(w, X, cfg["mode"])
+    if cfg["mode"] == "logistic":
+        out[f"{prefix}accuracy"] = float(np.mean((pred > 0.5) == (y > 0.5)))
+    else:
+        out[f"{prefix}mse"] = float(np.mean((pred - y) ** 2))
+    return out
+
+
+def _save_model(path: Path, w: np.ndarray, cfg: dict) -> None:
+    meta = json.dumps({"task": "linear", "mode": cfg["mode"], "features": cfg["features"]})
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, w=w, meta=np.array(meta))
+
+    atomic_write(path, write)
+
+
+def load_model(path: Path) -> tuple[np.ndarray, dict]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            w = f["w"]
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path} does not exist") from None
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"checkpoint {path} is not a linear model (corrupt or another format)") from None
+    if meta.get("task") != "linear":
+        raise UsageError(f"checkpoint {path} belongs to task {meta.get('task')}, not linear")
+    return w, meta
+
+
+def train(ctx: Context) -> dict:
+    cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
+    data = load_data(cfg)
+    X, y = expand(data["x_train"], cfg["features"]), data["y_train"]
+    Xv, yv = expand(data["x_val"], cfg["features"]), data["y_val"]
+    opt = Optimizer(cfg["optimizer"], cfg["lr"], cfg["alpha"], cfg["beta2"], cfg["eps"])
+    w, start, history = initial_weights(X.shape[1]), 0, []
+    backup = run.latest_backup() if ctx.resume else None
+    if backup is not None:
+        with np.load(backup / "state.npz", allow_pickle=False) as f:
+            w = f["w"]
+            opt.state = {k[4:]: f[k] for k in f.files if k.startswith("opt_")}
+        state = json.loads((backup / "state.json").read_text())
+        start, history = state["epochs_done"], state["history"]
+        reporter.info(f"resuming {run.dir} after epoch {start}")
+    if start >= cfg["epochs"]:
+        raise UsageError(f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start}")
+    reporter.start(cfg["epochs"], initial_epoch=start)
+    try:
+        for epoch in range(start, cfg["epochs"]):
+            rng = np.random.default_rng([cfg["seed"] or 0, epoch])
+            reporter.start_epoch(epoch, cfg["steps_per_epoch"])
+            for step in range(cfg["steps_per_epoch"]):
+                idx = rng.integers(0, len(X), size=cfg["batch_size"])
+                w = opt.step(w, lambda v: gradient(v, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"]))
+                reporter.batch(step, {"batch_loss": loss(w, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"])})
+            if not np.all(np.isfinite(w)):
+                raise_nan(epoch, run)
+            logs = {**_metrics(w, X, y, cfg), **_metrics(w, Xv, yv, cfg, "val_")}
+            history.append({"epoch": epoch + 1, **logs})
+            state = {"w": w, **{f"opt_{k}": v for k, v in opt.state.items()}}
+            run.save_backup(epoch, history, {"state.npz": lambda p: np.savez(p, **state),
+                                             "model.npz": lambda p: _save_model(p, w, cfg)})
+            run.write_history(history)
+            reporter.end_epoch(epoch, logs)
+    finally:
+        reporter.finish()
+    link_or_copy(run.latest_backup() / "model.npz", run.path("model.npz"))
+    return {k: v for k, v in history[-1].items() if k != "epoch"}
+
+
+def raise_nan(epoch: int, run) -> None:
+    from dlcli.errors import RunError
+
+    kept = run.latest_backup()
+    raise RunError(
+        f"the weights became NaN or infinite in epoch {epoch + 1}; "
+        + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
+        + " (try a lower --lr)"
+    )
+
+
+def evaluate(ctx: Context) -> dict:
+    w, meta = load_model(ctx.model_path)
+    cfg = {**ctx.cfg, **meta}
+    data = load_data(cfg)
+    return _metrics(w, expand(data["x_val"], cfg["features"]), data["y_val"], cfg, "val_")
+
+
+def _parse_point(text: str) -> np.ndarray:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise UsageError(f"{text!r} is not a point; write it as x0,x1 (for example 0.5,-1.2)")
+    return np.array(values)
+
+
+def predict(ctx: Context, inputs: list[str]) -> list[dict]:
+    if not inputs:
+        raise UsageError("give points to predict, as x0,x1 (for example `dlcli predict linear 0.5,-1.2 2,2`)")
+    w, meta = load_model(ctx.model_path)
+    rows = []
+    for text in inputs:
+        try:
+            point = _parse_point(text)
+        except UsageError as exc:
+            rows.append({"input": text, "error": str(exc)})
+            continue
+        value = float(predict_values(w, expand(point[None], meta["features"]), meta["mode"])[0])
+        key = "probability" if meta["mode"] == "logistic" else "value"
+        row = {"input": text, key: round(value, 6)}
+        if meta["mode"] == "logistic":
+            row["label"] = int(value > 0.5)
+        rows.append(row)
+    return rows
+
+
+# -- views --------------------------------------------------------------------------------
+
+
+def view_boundary(ctx: Context) -> Path:
+    """Predicted probability as a filled contour over the plane, with the points."""
+    from dlcli.plots import pyplot, save_figure
+
+    w, meta = load_model(ctx.model_path)
+    data = load_data({**ctx.cfg, **meta})
+    x, y = np.vstack([data["x_train"], data["x_val"]]), np.concatenate([data["y_train"], data["y_val"]])
+    pad = 0.5
+    xx, yy = np.meshgrid(
+        np.linspace(x[:, 0].min() - pad, x[:, 0].max() + pad, 200),
+        np.linspace(x[:, 1].min() - pad, x[:, 1].max() + pad, 200),
+    )
+    grid = np.c_[xx.ravel(), yy.ravel()]
+    zz = predict_values(w, expand(grid, meta["features"]), meta["mode"]).reshape(xx.shape)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    cs = ax.contourf(xx, yy, zz, levels=20, cmap="RdBu_r", alpha=0.8)
+    fig.colorbar(cs, ax=ax, label="P(y=1)" if meta["mode"] == "logistic" else "prediction")
+    ax.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", edgecolors="k", s=14)
+    ax.set_title(f"linear / {ctx.run.name}: {meta['mode']}, {meta['features']} features")
+    return save_figure(fig, ctx.out or ctx.run.views_path("linear-boundary"))
+
+
+def view_optimizers(ctx: Context) -> Path:
+    """Loss curves of every optimizer on the run's data, with the course's settings."""
+    from dlcli.plots import pyplot, save_figure
+
+    opts = {**ctx.options, "seed": ctx.cfg["seed"] or 0}
+    data = load_data(ctx.cfg)
+    X, y = expand(data["x_train"], ctx.cfg["features"]), data["y_train"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in OPTIMIZERS:
+        curve = run_optimizer(X, y, name, COURSE_LR[name], opts["iterations"], opts["batch"], opts["seed"],
+                              mode=ctx.cfg["mode"])
+        ax.plot(range(1, len(curve) + 1), curve, label=f"{name} (lr {COURSE_LR[name]})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss on the training data")
+    ax.set_title(f"optimizers: seed {opts['seed']}, batch {opts['batch']} drawn with replacement")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, ctx.out or ctx.run.views_path("linear-optimizers"))
+
+
+TASK = TaskSpec(
+    name="linear",
+    summary="logistic / linear regression with hand-written optimizers (NumPy)",
+    defaults=DEFAULTS,
+    choices=CHOICES,
+    train=train,
+    evaluate=evaluate,
+    predict=predict,
+    model_file="model.npz",
+    views={
+        "linear-boundary": View(view_boundary, "predicted probability over the plane, with the points"),
+        "linear-optimizers": View(
+            view_optimizers,
+            "loss curves of all six optimizers on the same data (course settings)",
+            options={
+                "iterations": Option(int, 100, "iterations per optimizer"),
+                "batch": Option(int, 4, "batch size"),
+            },
+        ),
+    },
+)
