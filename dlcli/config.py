@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
 from dlcli.errors import UsageError
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # key -> (test, what is allowed); applied wherever the key appears in a task's defaults.
 COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -42,6 +45,8 @@ def parse_set(expr: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, (dict, list)) and not raw.strip().startswith(("[", "{")):
         value = raw
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string
     return key, value
 
 

@@ -112,7 +112,7 @@ def training_curves(ctx: Context) -> Path:
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{ctx.run.task} / {ctx.run.name}")
+    fig.suptitle(f"{ctx.run.task} / {ctx.run.name}", y=1.04)
     return save_figure(fig, ctx.out or ctx.run.views_path("training-curves"))
 
 

@@ -82,19 +82,27 @@ def make_callback(reporter, steps: int | None):
 
 
 def load_model(path: Path, task: str | None = None):
-    """Load a .keras file in safe mode, with a clear error for missing or foreign files."""
+    """Load a .keras file in safe mode, with a clear error for missing, corrupt or foreign files.
+
+    dlcli names every model `<task>_<variant>`, which is how a checkpoint of another task
+    is told apart before Keras is asked to build it.
+    """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise UsageError(f"checkpoint {path} is not a Keras model file (corrupt or another format)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            model_config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        raise UsageError(f"checkpoint {path} is not a Keras model file (corrupt or another format)") from None
+    name = str(model_config.get("config", {}).get("name", ""))
+    if task and not name.startswith(f"{task}_"):
+        raise UsageError(f"checkpoint {path} holds model {name!r}, not a {task} model")
     try:
         return keras.models.load_model(path, safe_mode=True, compile=True)
     except Exception as exc:
-        raise UsageError(
-            f"cannot load checkpoint {path}" + (f" as a {task} model" if task else "")
-            + f": {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load checkpoint {path}: {first}") from None
 
 
 def fit(

@@ -1,0 +1,91 @@
+"""Shared test fixtures: an in-process CLI runner, a private checkpoint root, tiny real data.
+
+No test needs ../shared or the network: the network probe points at a closed local
+port, so tensorflow-datasets code paths fail fast the way they do offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dlcli.cli import app
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLCLI_NETWORK_PROBE", "127.0.0.1:9")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.delenv("DLCLI_DEBUG", raising=False)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A fresh checkpoint directory for the test's runs."""
+    return tmp_path / "runs"
+
+
+class Cli:
+    def __init__(self, root: Path):
+        self.root = root
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, expect: int | None = 0):
+        args = [str(a) for a in args]
+        if args and args[0] in ("train", "eval", "predict", "visualize", "tasks"):
+            args += ["--checkpoint-dir", str(self.root)]
+        result = self.runner.invoke(app, args)
+        if expect is not None:
+            assert result.exit_code == expect, (
+                f"dlcli {' '.join(args)} -> {result.exit_code}\nstdout: {result.stdout}\n"
+                f"stderr: {result.stderr}\nexception: {result.exception!r}"
+            )
+        return result
+
+    def json(self, *args: str):
+        result = self(*args, "--json")
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli(root) -> Cli:
+    return Cli(root)
+
+
+def render_digit(label: int, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A digit glyph drawn with Pillow's own font, light on dark, at a random size and place."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=int(rng.integers(18, 27)))
+    img = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(img).text((int(rng.integers(4, 16)), int(rng.integers(0, 8))), str(label), fill=255, font=font)
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 12, (size, size))
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def digit_images(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Tiny real 'MNIST': rendered digit glyphs put through MNIST's own centring (28x28 uint8)."""
+    from dlcli.tasks.mnist import to_mnist
+
+    rng = np.random.default_rng(seed)
+    x, y = [], []
+    for label in range(10):
+        for _ in range(n_per_class):
+            x.append((to_mnist(render_digit(label, rng)) * 255).astype(np.uint8))
+            y.append(label)
+    order = rng.permutation(len(x))
+    return np.array(x, dtype=np.uint8)[order], np.array(y, dtype=np.uint8)[order]
+
+
+@pytest.fixture
+def digits_npz(tmp_path) -> Path:
+    x_train, y_train = digit_images(30, seed=1)
+    x_test, y_test = digit_images(5, seed=2)
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path

@@ -1,0 +1,129 @@
+"""The command line itself: help without TensorFlow, clear errors, JSON for scripts, locks."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dlcli.cli import app
+from dlcli.runs import Run
+
+
+def run_python(code: str, *args: str):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["predict", "--help"], ["tasks"]])
+def test_help_and_tasks_do_not_import_tensorflow(argv):
+    code = (
+        "import sys\n"
+        "from dlcli.cli import app\n"
+        "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('TF-LOADED' if 'tensorflow' in sys.modules else 'TF-NOT-LOADED', code)\n"
+    )
+    result = run_python(code, *argv)
+    assert "TF-NOT-LOADED 0" in result.stdout, result.stdout + result.stderr
+
+
+def test_python_dash_m_and_version():
+    result = subprocess.run([sys.executable, "-m", "dlcli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("dlcli ")
+
+
+def test_tasks_lists_every_task_with_views_and_training_state(cli):
+    data = cli.json("tasks")
+    names = [t["task"] for t in data["tasks"]]
+    assert names[:2] == ["linear", "mnist"]
+    mnist = data["tasks"][1]
+    assert mnist["dataset"] == "mnist" and "mnist-confusion" in mnist["views"] and mnist["trained"] is None
+    cli("train", "linear", "--epochs", "1", "--run", "r1", "--quiet")
+    assert cli.json("tasks")["tasks"][0]["trained"] == "r1"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "nosuch"], "unknown task 'nosuch'; valid tasks: linear, mnist"),
+        (["eval", "nosuch"], "unknown task 'nosuch'"),
+        (["visualize", "nosuch-view"], "unknown view 'nosuch-view'; valid views: training-curves"),
+        (["eval", "linear"], "no finished run of task linear"),
+        (["predict", "mnist", "x.png"], "no finished run of task mnist"),
+        (["eval", "mnist", "--checkpoint", "missing.keras"], "checkpoint missing.keras does not exist"),
+        (["train", "linear", "--dataset", "ftp:thing"], "cannot read --dataset 'ftp:thing'"),
+        (["train", "linear", "--dataset", "npz:/no/such.npz"], "does not exist"),
+        (["train", "linear", "--bogus", "1"], "unknown option --bogus"),
+        (["train", "linear", "--run", "../x"], "invalid run name"),
+        (["predict", "linear", "--top-k", "3"], "unknown option --top-k"),
+    ],
+)
+def test_bad_usage_is_one_clear_line_and_exit_2(cli, args, message):
+    result = cli(*args, expect=2)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_offline_tfds_fails_fast_with_advice(cli):
+    start = time.monotonic()
+    result = cli("train", "mnist", "--epochs", "1", expect=1)
+    elapsed = time.monotonic() - start
+    assert "not prepared" in result.stderr and "network is unreachable" in result.stderr
+    assert "npz:PATH" in result.stderr and "tfds build mnist" in result.stderr
+    assert elapsed < 60  # seconds, not the minutes tensorflow-datasets retries for
+
+
+def test_json_mode_prints_exactly_one_document(cli):
+    result = cli("train", "linear", "--epochs", "2", "--json")
+    data = json.loads(result.stdout)  # fails if anything human leaked onto stdout
+    assert data["task"] == "linear" and set(data["metrics"]) >= {"loss", "val_accuracy"}
+    assert "epoch 2/2" in result.stderr  # the human lines went to stderr
+    assert os.path.isdir(data["run"])
+
+
+def test_quiet_prints_nothing(cli):
+    result = cli("train", "linear", "--epochs", "2", "--quiet")
+    assert result.stdout == "" and result.stderr == ""
+
+
+def test_existing_run_is_not_overwritten(cli):
+    cli("train", "linear", "--epochs", "1", "--run", "same", "--quiet")
+    result = cli("train", "linear", "--epochs", "1", "--run", "same", expect=2)
+    assert "already exists" in result.stderr and "--resume" in result.stderr
+
+
+def test_a_locked_run_is_refused(cli):
+    cli("train", "linear", "--epochs", "1", "--run", "busy", "--quiet")
+    holder = Run("linear", cli.root / "linear" / "busy").lock()
+    try:
+        result = cli("train", "linear", "--epochs", "3", "--run", "busy", "--resume", expect=2)
+        assert "is in use by pid" in result.stderr
+    finally:
+        holder.unlock()
+    cli("train", "linear", "--epochs", "3", "--run", "busy", "--resume", "--quiet")
+
+
+def test_resume_with_nothing_to_resume(cli):
+    result = cli("train", "linear", "--resume", expect=2)
+    assert "no run of task linear" in result.stderr
+    cli("train", "linear", "--epochs", "2", "--run", "done", "--quiet")
+    result = cli("train", "linear", "--resume", "--run", "done", expect=2)
+    assert "already done 2 epochs" in result.stderr
+
+
+def test_unwritable_checkpoint_dir_is_a_clear_error(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = cli.runner.invoke(app, ["train", "linear", "--checkpoint-dir", str(blocker / "runs")])
+    assert result.exit_code == 1
+    assert "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_visualize_out_must_be_png(cli, tmp_path):
+    cli("train", "linear", "--epochs", "1", "--quiet")
+    result = cli("visualize", "linear-boundary", "--out", tmp_path / "x.jpg", expect=2)
+    assert "PNG" in result.stderr
+    path = cli.json("visualize", "training-curves", "--task", "linear", "--out", tmp_path / "curves.png")["path"]
+    assert path.endswith("curves.png") and os.path.getsize(path) > 1000
