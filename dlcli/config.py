@@ -30,6 +30,7 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "lr": (lambda v: v > 0, "a number > 0"),
     "seed": (lambda v: v is None or v >= 0, "an integer >= 0"),
+    "save_every_steps": (lambda v: v >= 0, "an integer >= 0 (0: save at epoch ends only)"),
 }
 
 

@@ -222,24 +222,43 @@ class Run:
     # -- per-epoch checkpoints for --resume ----------------------------------------------
 
     def latest_backup(self) -> Path | None:
-        """The newest complete backup/epoch-NNNN/ directory, if any."""
+        """The newest complete checkpoint directory under backup/, if any.
+
+        Names sort in training order: epoch-0003 (3 epochs done) < epoch-0003-step-000100
+        (and 100 steps of the 4th) < epoch-0004.
+        """
         if not self.backup_dir.is_dir():
             return None
         done = sorted(d for d in self.backup_dir.glob("epoch-*") if (d / "state.json").exists())
         return done[-1] if done else None
 
-    def save_backup(self, epoch: int, history: list[dict], files: dict[str, Callable[[Path], Any]]) -> Path:
-        """Write backup/epoch-NNNN/ completely (each `files` writer, then state.json), then
-        rename it into place, so a crash never leaves a torn checkpoint."""
-        final = self.backup_dir / f"epoch-{epoch + 1:04d}"
-        tmp = self.backup_dir / f".epoch-{epoch + 1:04d}.tmp-{os.getpid()}"
+    def read_backup_state(self, backup: Path) -> dict:
+        try:
+            return json.loads((backup / "state.json").read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"checkpoint {backup} is corrupt (unreadable state.json)") from None
+
+    def save_backup(
+        self,
+        epochs_done: int,
+        history: list[dict],
+        files: dict[str, Callable[[Path], Any]],
+        steps_done: int = 0,
+        extra: dict | None = None,
+    ) -> Path:
+        """Write a checkpoint directory completely (each `files` writer, then state.json),
+        then rename it into place, so a crash never leaves a torn checkpoint."""
+        name = f"epoch-{epochs_done:04d}" + (f"-step-{steps_done:06d}" if steps_done else "")
+        final = self.backup_dir / name
+        tmp = self.backup_dir / f".{name}.tmp-{os.getpid()}"
+        state = {"epochs_done": epochs_done, "steps_done": steps_done, "history": history, **(extra or {})}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name, write in files.items():
-                write(tmp / name)
+            for file_name, write in files.items():
+                write(tmp / file_name)
             with open(tmp / "state.json", "w") as fh:
-                json.dump({"epochs_done": epoch + 1, "history": history}, fh)
+                json.dump(state, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             shutil.rmtree(final, ignore_errors=True)
@@ -247,7 +266,9 @@ class Run:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
-        for old in sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS]:
+        # Older checkpoints, and temporary ones a killed process left (the lock makes them stale).
+        stale = sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS] + list(self.backup_dir.glob(".epoch-*"))
+        for old in stale:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

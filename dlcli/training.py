@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from dlcli.errors import RunError, UsageError
+from dlcli.interrupts import Interrupted, StopOnSignal
 from dlcli.lazy import lazy_import
 from dlcli.runs import link_or_copy
 
@@ -25,8 +26,12 @@ tf = lazy_import("tensorflow")
 
 
 def keras_defaults() -> dict:
-    """Config keys of every Keras task, beside `common_defaults`."""
-    return {"jit_compile": False}
+    """Config keys of every Keras task, beside `common_defaults`.
+
+    jit_compile: XLA; off by default because on CPU it measured about 6x slower here.
+    save_every_steps: also checkpoint inside an epoch every N steps (0: at epoch ends only).
+    """
+    return {"jit_compile": False, "save_every_steps": 0}
 
 
 def set_seed(seed: int | None) -> None:
@@ -60,25 +65,50 @@ def reseed_model(model, seed: int | None, epoch: int) -> None:
         gen.state.assign(np.array([epoch_seed(seed, epoch) + 7919 * i, 0], dtype=gen.state.dtype))
 
 
-def make_callback(reporter, steps: int | None):
-    """A Keras callback that feeds the reporter and stops on a NaN or infinite loss."""
+def seed_states(model) -> list[list[int]]:
+    return [[int(v) for v in gen.state.numpy()] for gen in _seed_generators(model)]
 
-    class ReporterCallback(keras.callbacks.Callback):
-        bad_loss_at: tuple[int, int] | None = None
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-            reporter.start_epoch(epoch, steps)
+def restore_seed_states(model, states: list[list[int]]) -> None:
+    import numpy as np
 
-        def on_train_batch_end(self, batch, logs=None):
-            logs = logs or {}
-            loss = logs.get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                self.bad_loss_at = (self.epoch, batch)
-                self.model.stop_training = True
-            reporter.batch(batch, {k: float(v) for k, v in logs.items()})
+    for gen, state in zip(_seed_generators(model), states):
+        gen.state.assign(np.array(state, dtype=gen.state.dtype))
 
-    return ReporterCallback()
+
+class StepWatcher:
+    """Builds the Keras callback that feeds the reporter, checks every step's loss, honours
+    SIGINT/SIGTERM and saves a mid-epoch checkpoint every `save_every` steps."""
+
+    def __init__(self, reporter, steps: int | None, stop, save_mid_epoch: Callable[[int, int], None], save_every: int = 0):
+        watcher = self
+        self.bad_loss_at: tuple[int, int] | None = None
+        self.stopped_at: tuple[int, int] | None = None
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                watcher.epoch = epoch
+                reporter.start_epoch(epoch, steps)
+
+            def on_train_batch_end(self, batch, logs=None):
+                logs = logs or {}
+                loss = logs.get("loss")
+                done = watcher.skipped + batch + 1
+                if loss is not None and not math.isfinite(float(loss)):
+                    watcher.bad_loss_at = (watcher.epoch, done)
+                    self.model.stop_training = True
+                    return
+                reporter.batch(done - 1, {k: float(v) for k, v in logs.items()})
+                last_step = steps is not None and done >= steps
+                if stop.requested and not last_step:
+                    watcher.stopped_at = (watcher.epoch, done)
+                    self.model.stop_training = True
+                    save_mid_epoch(watcher.epoch, done)
+                elif save_every and done % save_every == 0 and not last_step:
+                    save_mid_epoch(watcher.epoch, done)
+
+        self.skipped = 0
+        self.callback = _Callback()
 
 
 def load_model(path: Path, task: str | None = None):
@@ -116,19 +146,22 @@ def fit(
 ):
     """Train epoch by epoch with checkpoints; returns (model, history rows).
 
-    `train_data(epoch)` returns that epoch's (shuffled) data set, so the order depends
-    only on the seed and the epoch number.
+    `train_data(epoch)` returns that epoch's batched, shuffled data set, so the order
+    depends only on the seed and the epoch number; a run resumed in the middle of an
+    epoch skips the batches it had already trained on.
     """
     cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
     seed = cfg.get("seed")
     history: list[dict] = []
-    start = 0
+    start, skip, states = 0, 0, None
     backup = run.latest_backup() if ctx.resume else None
     if backup is not None:
         model = load_model(backup / "model.keras")
-        state = json.loads((backup / "state.json").read_text())
-        start, history = state["epochs_done"], state["history"]
-        reporter.info(f"resuming {run.dir} after epoch {start}")
+        state = run.read_backup_state(backup)
+        start, skip, history = state["epochs_done"], state.get("steps_done", 0), state["history"]
+        states = state.get("seed_states")
+        where = f"epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else "")
+        reporter.info(f"resuming {run.dir} after {where}")
     else:
         model = build_model()
     epochs = cfg["epochs"]
@@ -136,38 +169,62 @@ def fit(
         raise UsageError(
             f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start} to train on"
         )
-    watcher = make_callback(reporter, steps_per_epoch)
+
+    def save_mid_epoch(epoch: int, steps_done: int) -> None:
+        run.save_backup(epoch, history, {"model.keras": model.save}, steps_done=steps_done,
+                        extra={"seed_states": seed_states(model)})
+
     tensorboard = keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)
-    all_callbacks = [watcher, tensorboard, *callbacks]
     reporter.start(epochs, initial_epoch=start)
-    try:
-        for epoch in range(start, epochs):
-            reseed_model(model, seed, epoch)
-            result = model.fit(
-                train_data(epoch),
-                validation_data=val_data,
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                steps_per_epoch=steps_per_epoch,
-                callbacks=all_callbacks,
-                shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
-                verbose=0,
-            )
-            if watcher.bad_loss_at is not None:
-                bad_epoch, step = watcher.bad_loss_at
-                kept = run.latest_backup()
-                raise RunError(
-                    f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step {step + 1}; "
-                    + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
-                    + " (try a lower --lr)"
+    with StopOnSignal() as stop:
+        watcher = StepWatcher(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0))
+        try:
+            for epoch in range(start, epochs):
+                reseed_model(model, seed, epoch)
+                data = train_data(epoch)
+                watcher.skipped = skip if epoch == start else 0
+                if watcher.skipped:
+                    restore_seed_states(model, states or [])
+                    data = data.skip(watcher.skipped)
+                steps = steps_per_epoch - watcher.skipped if steps_per_epoch else None
+                result = model.fit(
+                    data,
+                    validation_data=val_data,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    steps_per_epoch=steps,
+                    callbacks=[watcher.callback, tensorboard, *callbacks],
+                    shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
+                    verbose=0,
                 )
-            logs = {k: float(v[-1]) for k, v in result.history.items()}
-            row = {"epoch": epoch + 1, **logs}
-            history.append(row)
-            run.save_backup(epoch, history, {"model.keras": model.save})
-            run.write_history(history)
-            reporter.end_epoch(epoch, logs)
-    finally:
-        reporter.finish()
+                if watcher.bad_loss_at is not None:
+                    bad_epoch, step = watcher.bad_loss_at
+                    kept = run.latest_backup()
+                    raise RunError(
+                        f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step {step}; "
+                        + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
+                        + " (try a lower --lr)"
+                    )
+                if watcher.stopped_at is not None:
+                    stop_epoch, step = watcher.stopped_at
+                    raise Interrupted(
+                        stop.signal_name,
+                        f"stopped by {stop.signal_name} at epoch {stop_epoch + 1}, step {step}; progress saved "
+                        f"in {run.latest_backup()}; continue with "
+                        f"`dlcli train {run.task} --run {run.name} --resume`",
+                    )
+                logs = {k: float(v[-1]) for k, v in result.history.items()}
+                history.append({"epoch": epoch + 1, **logs})
+                run.save_backup(epoch + 1, history, {"model.keras": model.save})
+                run.write_history(history)
+                reporter.end_epoch(epoch, logs)
+                if stop.requested:
+                    raise Interrupted(
+                        stop.signal_name,
+                        f"stopped by {stop.signal_name} after epoch {epoch + 1}; progress saved; continue with "
+                        f"`dlcli train {run.task} --run {run.name} --resume`",
+                    )
+        finally:
+            reporter.finish()
     link_or_copy(run.latest_backup() / "model.keras", run.path(model_file))
     return model, history

@@ -23,6 +23,7 @@ import numpy as np
 
 from dlcli import data as data_lib
 from dlcli.errors import UsageError
+from dlcli.interrupts import Interrupted, StopOnSignal
 from dlcli.runs import atomic_write, link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
@@ -233,33 +234,44 @@ def train(ctx: Context) -> dict:
         with np.load(backup / "state.npz", allow_pickle=False) as f:
             w = f["w"]
             opt.state = {k[4:]: f[k] for k in f.files if k.startswith("opt_")}
-        state = json.loads((backup / "state.json").read_text())
+        state = run.read_backup_state(backup)
         start, history = state["epochs_done"], state["history"]
         reporter.info(f"resuming {run.dir} after epoch {start}")
     if start >= cfg["epochs"]:
         raise UsageError(f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start}")
     reporter.start(cfg["epochs"], initial_epoch=start)
-    try:
-        for epoch in range(start, cfg["epochs"]):
-            rng = np.random.default_rng([cfg["seed"] or 0, epoch])
-            reporter.start_epoch(epoch, cfg["steps_per_epoch"])
-            for step in range(cfg["steps_per_epoch"]):
-                idx = rng.integers(0, len(X), size=cfg["batch_size"])
-                w = opt.step(w, lambda v: gradient(v, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"]))
-                reporter.batch(step, {"batch_loss": loss(w, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"])})
-            if not np.all(np.isfinite(w)):
-                raise_nan(epoch, run)
-            logs = {**_metrics(w, X, y, cfg), **_metrics(w, Xv, yv, cfg, "val_")}
-            history.append({"epoch": epoch + 1, **logs})
-            state = {"w": w, **{f"opt_{k}": v for k, v in opt.state.items()}}
-            run.save_backup(epoch, history, {"state.npz": lambda p: np.savez(p, **state),
-                                             "model.npz": lambda p: _save_model(p, w, cfg)})
-            run.write_history(history)
-            reporter.end_epoch(epoch, logs)
-    finally:
-        reporter.finish()
+    with StopOnSignal() as stop:
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported below
+                _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop)
+        finally:
+            reporter.finish()
     link_or_copy(run.latest_backup() / "model.npz", run.path("model.npz"))
     return {k: v for k, v in history[-1].items() if k != "epoch"}
+
+
+def _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop) -> None:
+    """The epoch loop: each epoch's batches come from (seed, epoch), then a checkpoint."""
+    cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
+    for epoch in range(start, cfg["epochs"]):
+        rng = np.random.default_rng([cfg["seed"] or 0, epoch])
+        reporter.start_epoch(epoch, cfg["steps_per_epoch"])
+        for step in range(cfg["steps_per_epoch"]):
+            idx = rng.integers(0, len(X), size=cfg["batch_size"])
+            w = opt.step(w, lambda v: gradient(v, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"]))
+            reporter.batch(step, {"batch_loss": loss(w, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"])})
+        if not np.all(np.isfinite(w)):
+            raise_nan(epoch, run)
+        logs = {**_metrics(w, X, y, cfg), **_metrics(w, Xv, yv, cfg, "val_")}
+        history.append({"epoch": epoch + 1, **logs})
+        state = {"w": w, **{f"opt_{k}": v for k, v in opt.state.items()}}
+        run.save_backup(epoch + 1, history, {"state.npz": lambda p: np.savez(p, **state),
+                                         "model.npz": lambda p: _save_model(p, w, cfg)})
+        run.write_history(history)
+        reporter.end_epoch(epoch, logs)
+        if stop.requested:
+            raise Interrupted(stop.signal_name, f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
+                              f"continue with `dlcli train linear --run {run.name} --resume`")
 
 
 def raise_nan(epoch: int, run) -> None:

@@ -1,0 +1,144 @@
+"""Faults a batch job meets, each injected for real: signals, kills mid-write, NaN, a full disk."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dlcli.cli import app
+from tests.conftest import digit_images
+
+
+@pytest.fixture
+def big_digits(tmp_path):
+    """Enough digits (batch 8: 375 steps) that an epoch lasts about a second."""
+    x, y = digit_images(300, seed=5)
+    path = tmp_path / "more.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+    return path
+
+
+def _args(data, root, *extra):
+    return ["mnist", "--dataset", f"npz:{data}", "--epochs", "2", "--batch-size", "8",
+            "--set", "val_size=100", "--checkpoint-dir", str(root), "--quiet", *extra]
+
+
+def _start(data, root, run, *extra):
+    return subprocess.Popen([sys.executable, "-m", "dlcli", "train", *_args(data, root, "--run", run, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path_glob, root, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not list(root.glob(path_glob)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_sigterm_mid_epoch_saves_and_resume_continues_exactly(cli, big_digits, root):
+    cli.runner.invoke(app, ["train", *_args(big_digits, root, "--run", "straight")])
+    proc = _start(big_digits, root, "stopped")
+    _wait_for("mnist/stopped/backup/epoch-0001/state.json", root, proc)
+    time.sleep(0.3)  # well inside epoch 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM at epoch 2, step" in err and "--run stopped --resume" in err
+    assert list((root / "mnist" / "stopped" / "backup").glob("epoch-0001-step-*"))
+    result = cli.runner.invoke(app, ["train", *_args(big_digits, root, "--run", "stopped", "--resume")])
+    assert result.exit_code == 0, result.stderr
+    straight = cli.runner.invoke(app, ["eval", "mnist", "--run", "straight", "--checkpoint-dir", str(root), "--json"])
+    resumed = cli.runner.invoke(app, ["eval", "mnist", "--run", "stopped", "--checkpoint-dir", str(root), "--json"])
+    # The weights after a mid-epoch stop and resume are those of the uninterrupted run.
+    assert json.loads(resumed.stdout)["metrics"] == json.loads(straight.stdout)["metrics"]
+
+
+def test_sigkill_while_checkpoints_are_written_leaves_only_complete_files(cli, big_digits, root):
+    proc = _start(big_digits, root, "killed", "--set", "save_every_steps=3")
+    _wait_for("mnist/killed/backup/epoch-*/state.json", root, proc)
+    time.sleep(random.uniform(0.2, 1.5))  # saving every 3 steps: most moments are mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = root / "mnist" / "killed"
+    import keras
+
+    complete = sorted(p for p in (run_dir / "backup").iterdir() if not p.name.startswith("."))
+    assert complete
+    for checkpoint in complete:
+        state = json.loads((checkpoint / "state.json").read_text())
+        assert state["epochs_done"] >= 0
+        keras.models.load_model(checkpoint / "model.keras")  # never torn
+    result = cli.runner.invoke(app, ["train", *_args(big_digits, root, "--run", "killed", "--resume")])
+    assert result.exit_code == 0, result.stderr
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 2
+    assert not list((run_dir / "backup").glob(".*"))  # temporary directories were cleaned up
+
+
+def test_nan_loss_stops_with_the_epoch_and_step(cli, digits_npz):
+    result = cli("train", "mnist", "--dataset", f"npz:{digits_npz}", "--epochs", "3", "--set", "val_size=50",
+                 "--lr", "1e30", expect=1)
+    assert "the loss became NaN or infinite at epoch" in result.stderr and "step" in result.stderr
+    result = cli("train", "linear", "--optimizer", "sgd", "--lr", "1e300", "--mode", "regression", expect=1)
+    assert "NaN or infinite in epoch" in result.stderr
+
+
+def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(cli, digits_npz, monkeypatch):
+    import keras
+
+    real_save = keras.Model.save
+    calls = {"n": 0}
+
+    def save_until_disk_fills(self, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            with open(path, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save_until_disk_fills)
+    result = cli("train", "mnist", "--dataset", f"npz:{digits_npz}", "--epochs", "3", "--set", "val_size=50",
+                 "--run", "full", expect=1)
+    assert "no space left on the device" in result.stderr and "previous checkpoint is intact" in result.stderr
+    backup = cli.root / "mnist" / "full" / "backup"
+    assert sorted(p.name for p in backup.iterdir()) == ["epoch-0001"]
+    monkeypatch.setattr(keras.Model, "save", real_save)
+    keras.models.load_model(backup / "epoch-0001" / "model.keras")
+    cli("train", "mnist", "--run", "full", "--resume", "--quiet")  # and the run carries on
+
+
+option_values = st.one_of(
+    st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.sampled_from(["", "nan", "-1", "0", "1e-3", "true", "null", "[1, 2]", "{a: 1}", "0x10"]),
+)
+keys = st.sampled_from(["epochs", "batch_size", "lr", "seed", "optimizer", "l1", "mode", "features",
+                        "steps_per_epoch", "dataset", "nope", "alpha", "val_fraction"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flags=st.lists(st.tuples(st.sampled_from(["--epochs", "--batch-size", "--lr", "--seed", "--set"]),
+                                st.tuples(keys, option_values)), max_size=4),
+       config=st.dictionaries(keys, option_values, max_size=4))
+def test_random_options_and_configs_never_crash(cli, tmp_path, flags, config):
+    import yaml
+
+    cfg_file = tmp_path / "random.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    args = ["train", "linear", "--config", str(cfg_file), "--print-config"]
+    for flag, (key, value) in flags:
+        args += [flag, f"{key}={value}" if flag == "--set" else str(value)]
+    result = cli(*args, expect=None)
+    assert result.exit_code in (0, 2), (args, result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    if result.exit_code == 2:
+        assert result.stderr.startswith("error: ") or "Usage:" in result.stderr
