@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -267,15 +269,36 @@ def train_command(
         sys.stdout.write(config_lib.to_yaml(cfg))
         return
     reporter = _reporter(json_mode, quiet)
+    strategy, chief_run = None, None
+    if cfg.get("strategy", "default") != "default":
+        from dlcli import training
+
+        strategy = training.make_strategy(cfg["strategy"])  # before any other TensorFlow work
+        if not training.is_chief():
+            # Workers other than the chief train in a private directory that is deleted
+            # afterwards; on --resume they load the chief's checkpoints.
+            if not run_name:
+                raise UsageError("every worker of a multi-worker run needs the same --run NAME")
+            chief_run = Run(task_name, root / task_name / run_name)
+            run = Run(task_name, Path(tempfile.mkdtemp(prefix=f"dlcli-{task_name}-worker-")))
+    new_run = run is None
     run = run or Run.create(root, task_name, run_name)
     run.lock()
     try:
         run.write_config(cfg)
         reporter.info(f"training [bold]{task_name}[/] -> {run.dir}")
-        metrics = task.train(Context(cfg=cfg, run=run, reporter=reporter, resume=resume))
+        context = Context(cfg=cfg, run=run, reporter=reporter, resume=resume, strategy=strategy, resume_from=chief_run)
+        metrics = task.train(context)
         run.write_metrics(metrics)
+    except BaseException:
+        if new_run and run.latest_backup() is None:
+            shutil.rmtree(run.dir, ignore_errors=True)  # nothing to resume: leave no half-made run
+        raise
     finally:
         run.unlock()
+        if chief_run is not None:
+            shutil.rmtree(run.dir, ignore_errors=True)
+            run = chief_run
     reporter.table(f"{task_name} / {run.name}", metrics)
     if json_mode:
         _emit_json({"task": task_name, "run": str(run.dir), "config": cfg, "metrics": metrics})

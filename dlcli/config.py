@@ -24,6 +24,9 @@ from dlcli.errors import UsageError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
+# Keys with a fixed set of values in every task that has them.
+COMMON_CHOICES: dict[str, list] = {"strategy": ["default", "mirrored", "multi-worker"]}
+
 # key -> (test, what is allowed); applied wherever the key appears in a task's defaults.
 COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v >= 1, "an integer >= 1"),
@@ -105,9 +108,10 @@ def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, default: Any, choices: Mapping[str, list]) -> Any:
     leaf = key.rsplit(".", 1)[-1]
-    if key in choices and value not in choices[key]:
+    allowed = choices.get(key) or COMMON_CHOICES.get(key)
+    if allowed and value not in allowed:
         raise UsageError(
-            f"config key {key!r} must be one of {', '.join(map(str, choices[key]))}; got {value!r}"
+            f"config key {key!r} must be one of {', '.join(map(str, allowed))}; got {value!r}"
         )
     if isinstance(default, bool):
         if not isinstance(value, bool):

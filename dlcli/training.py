@@ -10,8 +10,10 @@ resumed run give the same history as an uninterrupted one, to the last digit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,7 +33,47 @@ def keras_defaults() -> dict:
     jit_compile: XLA; off by default because on CPU it measured about 6x slower here.
     save_every_steps: also checkpoint inside an epoch every N steps (0: at epoch ends only).
     """
-    return {"jit_compile": False, "save_every_steps": 0}
+    return {"jit_compile": False, "save_every_steps": 0, "strategy": "default"}
+
+
+STRATEGIES = ("default", "mirrored", "multi-worker")
+
+
+def cluster_task() -> tuple[str, int, int]:
+    """(task type, index, number of workers) from TF_CONFIG; ("chief", 0, 1) without one."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return "chief", 0, 1
+    try:
+        tf_config = json.loads(raw)
+        cluster, task = tf_config["cluster"], tf_config["task"]
+        size = sum(len(v) for k, v in cluster.items() if k in ("chief", "worker"))
+        return task["type"], int(task["index"]), size
+    except (ValueError, KeyError, TypeError):
+        raise UsageError("TF_CONFIG is not valid: expected {\"cluster\": {...}, \"task\": {\"type\": ..., \"index\": ...}}") from None
+
+
+def is_chief() -> bool:
+    """Only the chief writes checkpoints and logs: the "chief" task, else worker 0."""
+    kind, index, _ = cluster_task()
+    if kind == "chief":
+        return True
+    has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return kind == "worker" and index == 0 and not has_chief
+
+
+def make_strategy(name: str):
+    """The tf.distribute strategy for `--set strategy=...`; create it before any other TF work."""
+    if name == "default":
+        return None
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise UsageError("strategy multi-worker needs TF_CONFIG describing the cluster (see the README)")
+        cluster_task()  # validate it
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise UsageError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
 
 
 def set_seed(seed: int | None) -> None:
@@ -135,6 +177,32 @@ def load_model(path: Path, task: str | None = None):
         raise UsageError(f"cannot load checkpoint {path}: {first}") from None
 
 
+def _build_before_fit(model, strategy, dataset) -> None:
+    """Work around keras-team/keras#20585, Keras 3's fit() under MultiWorkerMirroredStrategy.
+
+    Two steps of Keras fail there: building the optimizer by reducing a distributed data
+    batch, and averaging scalar metrics across workers with `axis=0`. Build once from a
+    local batch, and average scalars over replicas with `axis=None`.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    batch = next(iter(dataset))
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if getattr(trainer.reduce_per_replica, "dlcli_patched", False):
+        return
+    original = trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and reduction in ("auto", "mean"):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.dlcli_patched = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
 def fit(
     ctx,
     build_model: Callable[[], "keras.Model"],
@@ -154,16 +222,19 @@ def fit(
     seed = cfg.get("seed")
     history: list[dict] = []
     start, skip, states = 0, 0, None
-    backup = run.latest_backup() if ctx.resume else None
+    backup = (ctx.resume_from or run).latest_backup() if ctx.resume else None
+    scope = ctx.strategy.scope() if ctx.strategy is not None else contextlib.nullcontext()
     if backup is not None:
-        model = load_model(backup / "model.keras")
-        state = run.read_backup_state(backup)
+        with scope:
+            model = load_model(backup / "model.keras")
+        state = (ctx.resume_from or run).read_backup_state(backup)
         start, skip, history = state["epochs_done"], state.get("steps_done", 0), state["history"]
         states = state.get("seed_states")
         where = f"epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else "")
         reporter.info(f"resuming {run.dir} after {where}")
     else:
-        model = build_model()
+        with scope:
+            model = build_model()
     epochs = cfg["epochs"]
     if start >= epochs:
         raise UsageError(
@@ -174,6 +245,8 @@ def fit(
         run.save_backup(epoch, history, {"model.keras": model.save}, steps_done=steps_done,
                         extra={"seed_states": seed_states(model)})
 
+    if isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _build_before_fit(model, ctx.strategy, train_data(start))
     tensorboard = keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)
     reporter.start(epochs, initial_epoch=start)
     with StopOnSignal() as stop:

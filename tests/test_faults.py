@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from typer.testing import CliRunner
+
 from dlcli.cli import app
 from tests.conftest import digit_images
 
@@ -142,3 +144,41 @@ def test_random_options_and_configs_never_crash(cli, tmp_path, flags, config):
     assert "Traceback" not in result.stderr + result.stdout
     if result.exit_code == 2:
         assert result.stderr.startswith("error: ") or "Usage:" in result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_mnist_together(tmp_path, root):
+    """Two processes on localhost, one cluster (TF_CONFIG), MultiWorkerMirroredStrategy."""
+    x, y = digit_images(20, seed=1)
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                      "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dlcli", "train", "mnist", "--dataset", f"npz:{data}", "--epochs", "2",
+             "--batch-size", "32", "--set", "val_size=20", "--set", "strategy=multi-worker", "--run", "mw",
+             "--checkpoint-dir", str(root), "--json"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+    chief, other = (json.loads(out) for out, _ in outputs)
+    assert chief["run"] == other["run"] == str(root / "mnist" / "mw")  # one run, written by the chief
+    assert "training mnist -> " in outputs[1][1] and "dlcli-mnist-worker-" in outputs[1][1]  # worker 1 trained
+    # Each worker reads its own shard of every batch: equal results mean the gradients were all-reduced.
+    assert chief["metrics"] == other["metrics"]
+    assert not list(tmp_path.glob("dlcli-mnist-worker-*"))
+    assert sorted(p.name for p in (root / "mnist" / "mw").iterdir()) == [
+        ".lock", "backup", "classes.json", "config.yaml", "history.csv", "logs", "metrics.json", "model.keras"]
+    result = CliRunner().invoke(app, ["eval", "mnist", "--run", "mw", "--checkpoint-dir", str(root), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["metrics"]["test_examples"] == 20

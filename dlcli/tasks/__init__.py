@@ -14,7 +14,7 @@ from typing import Any, Callable
 from dlcli.errors import UsageError
 
 # In the order `dlcli tasks` lists them. Later issues add their modules here.
-TASK_NAMES = ("linear", "mnist")
+TASK_NAMES = ("linear", "mnist", "names")
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Context:
     resume: bool = False
     checkpoint: Path | None = None  # an explicit model file instead of the run's
     out: Path | None = None
+    strategy: Any = None  # a tf.distribute strategy, or None for the default
+    resume_from: Any = None  # on a non-chief worker: the chief's run, whose checkpoints it loads
 
     @property
     def model_path(self) -> Path:
