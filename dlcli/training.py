@@ -88,6 +88,25 @@ def epoch_seed(seed: int | None, epoch: int) -> int | None:
     return None if seed is None else seed * 100_003 + epoch
 
 
+def array_epochs(x, y, batch_size: int, seed: int | None):
+    """Training data from in-memory arrays, as `fit` wants it: (train_data(epoch), steps).
+
+    The arrays are cached once; each epoch is shuffled by (seed, epoch), batched, prefetched.
+    """
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+
+    def train_data(epoch: int):
+        order = ds.shuffle(len(x), seed=epoch_seed(seed, epoch))
+        return order.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    return train_data, -(-len(x) // batch_size)
+
+
+def decay_per_epoch(lr: float, decay: float):
+    """The learning rate times `decay` each epoch (a function of the epoch: resume-safe)."""
+    return keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
+
+
 def _seed_generators(model) -> list:
     from keras.src.random.seed_generator import SeedGenerator
 

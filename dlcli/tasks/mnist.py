@@ -134,22 +134,15 @@ def train(ctx: Context) -> dict:
     (x_train, y_train), (x_val, y_val) = split_validation(arrays, cfg["val_size"])
     atomic_write_json(ctx.run.path("classes.json"), arrays["classes"])
     x_train, x_val = scale(x_train), scale(x_val)
-    train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).cache()
-
-    def train_data(epoch):
-        seed = training.epoch_seed(cfg["seed"], epoch)
-        return train_ds.shuffle(len(x_train), seed=seed).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
-
+    train_data, steps = training.array_epochs(x_train, y_train, cfg["batch_size"], cfg["seed"])
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(1024).cache()
-    lr, decay = cfg["lr"], cfg["lr_decay"]
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
     model, history = training.fit(
         ctx,
         build_model=lambda: build_model(cfg, len(arrays["classes"])),
         train_data=train_data,
         val_data=val_ds,
-        steps_per_epoch=-(-len(x_train) // cfg["batch_size"]),
-        callbacks=[schedule],
+        steps_per_epoch=steps,
+        callbacks=[training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
     )
     test_loss, test_acc = model.evaluate(scale(arrays["x_test"]), arrays["y_test"], batch_size=1024, verbose=0)
     final = history[-1]

@@ -343,22 +343,15 @@ def train(ctx: Context) -> dict:
     length = max(map(len, train_lines + val_lines)) + 1
     x_train, y_train = to_arrays(train_lines, vocab, length)
     x_val, y_val = to_arrays(val_lines, vocab, length)
-    train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).cache()
-
-    def train_data(epoch):
-        seed = training.epoch_seed(cfg["seed"], epoch)
-        return train_ds.shuffle(len(x_train), seed=seed).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
-
+    train_data, steps = training.array_epochs(x_train, y_train, cfg["batch_size"], cfg["seed"])
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(1024).cache()
-    lr, decay = cfg["lr"], cfg["lr_decay"]
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
     model, history = training.fit(
         ctx,
         build_model=lambda: build_model(cfg, vocab.size),
         train_data=train_data,
         val_data=val_ds,
-        steps_per_epoch=-(-len(x_train) // cfg["batch_size"]),
-        callbacks=[schedule],
+        steps_per_epoch=steps,
+        callbacks=[training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
     )
     known = set(train_lines)
     samples = sample_names(model, vocab, cfg["samples"], seed=cfg["seed"])
