@@ -1,0 +1,581 @@
+"""Task `caption`: image captioning with a pretrained CNN encoder and an LSTM decoder.
+
+Week 6 of the course. The encoder is a `keras.applications` backbone (InceptionV3 by
+default, ImageNet weights, 299x299 centre crop, global average pooling). It is never
+trained, so every image's embedding is computed once and cached on disk, keyed by the
+backbone, its weights, the input size and the list of images: later epochs and later runs
+train only the decoder. The cache lives beside the runs (`<checkpoint-dir>/caption/
+.embeddings/`) unless `cache_dir` says otherwise.
+
+The decoder is the course's: embedding -> dense 120 elu -> dense 300 elu as the LSTM's
+initial state (h and c); words embedded in 100 dimensions; LSTM 300; dense 120 elu ->
+vocabulary logits; the loss is averaged over real tokens only (padding masked out). One
+addition: the image embedding is standardised with the training set's mean and variance
+first, which keeps the decoder's start sane whatever the encoder's scale.
+
+Vocabulary as in the course: lower-case, split on non-word characters, words seen at least
+`min_word_count` times in training captions, plus #PAD#, #UNK#, #START#, #END#; saved
+with the run. Captions are cut at `max_caption_tokens` tokens (#START# and #END# included).
+
+Data: tensorflow-datasets `coco_captions` (train split, `val` held out), or
+`captions:DIR` with `DIR/images/` and `DIR/captions.txt` (CSV `image,caption`, the
+Flickr8k layout), of which a seeded `holdout` fraction of the images is held out.
+
+Decoding: greedy, sampling with a temperature (p ** (1/t), renormalised), or beam search;
+#UNK#, #PAD# and #START# are never generated. `eval` scores held-out images against all
+their reference captions with corpus BLEU-1..4 and next-word accuracy, beside a trivial
+baseline: the single most common training caption for every image (BLEU), and the most
+common next word after the previous one in training captions (next-word accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import textwrap
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dlcli import backbones
+from dlcli import data as data_lib
+from dlcli import training
+from dlcli.errors import UsageError
+from dlcli.images import read_image, read_many
+from dlcli.lazy import lazy_import
+from dlcli.runs import atomic_write, atomic_write_json
+from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+
+keras = lazy_import("keras")
+tf = lazy_import("tensorflow")
+tfds = lazy_import("tensorflow_datasets")
+
+DEFAULTS = {
+    **common_defaults(dataset="coco_captions", epochs=12, batch_size=64, lr=1e-3),
+    **training.keras_defaults(),
+    **backbones.backbone_defaults(image_size=299),
+    "holdout": 0.2,
+    "max_images": 0,
+    "cache_dir": None,
+    "min_word_count": 5,
+    "max_caption_tokens": 20,
+    "bottleneck": 120,
+    "lstm_units": 300,
+    "word_embedding": 100,
+    "logit_bottleneck": 120,
+    "eval_beam": 3,
+}
+CHOICES = {"backbone": backbones.NAMES}
+PAD, UNK, START, END = "#PAD#", "#UNK#", "#START#", "#END#"
+SPECIALS = [PAD, UNK, START, END]
+PAD_ID, UNK_ID, START_ID, END_ID = range(4)
+LENGTH_ALPHA = 0.7  # beam search ranks finished captions by log p / length ** 0.7
+
+
+# -- text ----------------------------------------------------------------------------------
+
+
+def tokenize(text: str) -> list[str]:
+    """The course's rule: lower-case, split on non-word characters, drop empty pieces."""
+    return [w for w in re.split(r"\W+", text.lower()) if w]
+
+
+def build_vocab(captions: list[str], min_count: int) -> list[str]:
+    counts = Counter(w for c in captions for w in tokenize(c))
+    return SPECIALS + sorted(w for w, n in counts.items() if n >= min_count)
+
+
+def encode(captions: list[str], vocab: list[str], max_tokens: int) -> np.ndarray:
+    """Captions -> int32 (N, max_tokens): #START# words... #END# #PAD#..., cut to fit."""
+    index = {w: i for i, w in enumerate(vocab)}
+    out = np.full((len(captions), max_tokens), PAD_ID, np.int32)
+    for row, caption in enumerate(captions):
+        ids = [index.get(w, UNK_ID) for w in tokenize(caption)][: max_tokens - 2]
+        out[row, : len(ids) + 2] = [START_ID, *ids, END_ID]
+    return out
+
+
+def decode_ids(ids, vocab: list[str]) -> list[str]:
+    words = []
+    for i in ids:
+        if i == END_ID:
+            break
+        if i not in (PAD_ID, START_ID):
+            words.append(vocab[i])
+    return words
+
+
+# -- BLEU ----------------------------------------------------------------------------------
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+
+
+def corpus_bleu(references: list[list[list[str]]], hypotheses: list[list[str]], max_n: int = 4) -> list[float]:
+    """Corpus BLEU-1..max_n (Papineni et al. 2002), no smoothing: [BLEU-1, ..., BLEU-max_n].
+
+    n-gram counts are clipped by their most in any one reference and summed over the corpus;
+    the brevity penalty uses, per sentence, the reference length closest to the hypothesis
+    (the shorter on a tie). BLEU-n is that penalty times the geometric mean of p_1..p_n.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError("one list of references per hypothesis")
+    matched, total = np.zeros(max_n), np.zeros(max_n)
+    hyp_len = ref_len = 0
+    for refs, hyp in zip(references, hypotheses):
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1] if refs else 0
+        for n in range(1, max_n + 1):
+            counts = _ngrams(hyp, n)
+            most = Counter()
+            for ref in refs:
+                most |= _ngrams(ref, n)
+            matched[n - 1] += sum(min(c, most[g]) for g, c in counts.items())
+            total[n - 1] += max(len(hyp) - n + 1, 0)
+    if hyp_len == 0:
+        return [0.0] * max_n
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    scores, log_sum = [], 0.0
+    for n in range(max_n):
+        if matched[n] == 0 or total[n] == 0:
+            scores.extend([0.0] * (max_n - n))
+            break
+        log_sum += math.log(matched[n] / total[n])
+        scores.append(brevity * math.exp(log_sum / (n + 1)))
+    return scores
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionData:
+    """Image ids with their captions, split into training and held-out images."""
+
+    kind: str  # "captions" or "tfds"
+    source: str  # folder path or tfds name
+    train: list[tuple[str, list[str]]]
+    heldout: list[tuple[str, list[str]]]
+    train_split: str = ""
+    heldout_split: str = ""
+
+
+def read_caption_folder(path: str) -> dict[str, list[str]]:
+    """`DIR/captions.txt` (CSV `image,caption`) -> {image file name: [captions]}, images checked."""
+    root = Path(path)
+    table, images = root / "captions.txt", root / "images"
+    if not table.is_file() or not images.is_dir():
+        raise UsageError(f"{path} is not a captions folder: expected {path}/images/ and {path}/captions.txt "
+                         "(CSV with header image,caption)")
+    captions: dict[str, list[str]] = defaultdict(list)
+    with open(table, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise UsageError(f"{table} must be a CSV with the header image,caption (got {reader.fieldnames})")
+        for row in reader:
+            if row["image"] and row["caption"] and row["caption"].strip():
+                captions[row["image"].strip()].append(row["caption"].strip())
+    missing = [name for name in captions if not (images / name).is_file()]
+    if missing:
+        raise UsageError(f"{table} names {len(missing)} images missing from {images} (first: {missing[0]})")
+    if len(captions) < 2:
+        raise UsageError(f"{table} must caption at least 2 images")
+    return dict(captions)
+
+
+def _coco_captions(builder, split: str, limit: int) -> list[tuple[str, list[str]]]:
+    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
+    if limit:
+        ds = ds.take(limit)
+    return [(str(int(ex["image/id"])), [t.decode() for t in ex["captions"]["text"]]) for ex in ds.as_numpy_iterator()]
+
+
+def load_data(cfg: dict) -> CaptionData:
+    kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "captions"))
+    if kind == "captions":
+        captions = read_caption_folder(value)
+        names = sorted(captions)
+        order = np.random.default_rng(cfg["seed"]).permutation(len(names))
+        if cfg["max_images"]:
+            order = order[: cfg["max_images"]]
+        n_held = min(max(1, round(len(order) * cfg["holdout"])), len(order) - 1)
+        held = sorted(names[i] for i in order[:n_held])
+        train = sorted(names[i] for i in order[n_held:])
+        return CaptionData(kind, value, [(n, captions[n]) for n in train], [(n, captions[n]) for n in held])
+    builder = data_lib.tfds_builder(value, cfg["data_dir"])
+    splits = list(builder.info.splits.keys())
+    train_split = data_lib.pick_split(splits, ("train",), value)
+    held_split = data_lib.pick_split(splits, ("val", "validation", "test"), value)
+    limit = cfg["max_images"]
+    return CaptionData(kind, value, _coco_captions(builder, train_split, limit),
+                       _coco_captions(builder, held_split, max(limit // 10, 1) if limit else 0),
+                       train_split, held_split)
+
+
+def _crops(cfg: dict, data: CaptionData, items: list[tuple[str, list[str]]], split: str):
+    """Yield (ids, uint8 crops) batches of the given images, in order."""
+    size, batch = cfg["image_size"], 32
+    if data.kind == "captions":
+        folder = Path(data.source) / "images"
+        for start in range(0, len(items), batch):
+            ids = [i for i, _ in items[start: start + batch]]
+            crops = [backbones.crop_resize(read_image(folder / i), size).numpy() for i in ids]
+            yield ids, np.stack(crops)
+        return
+    builder = data_lib.tfds_builder(data.source, cfg["data_dir"])
+    ds = builder.as_dataset(split=split, shuffle_files=False).take(len(items))
+    ds = ds.map(lambda ex: (ex["image/id"], backbones.crop_resize(ex["image"], size)),
+                num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
+    for ids, crops in ds.as_numpy_iterator():
+        yield [str(int(i)) for i in ids], crops
+
+
+def encoder_spec(cfg: dict) -> dict:
+    """What rebuilds the encoder exactly: saved with the run, since `predict --seed` must not
+    change a randomly initialised encoder."""
+    return {k: cfg[k] for k in ("backbone", "alpha", "weights", "image_size")} | {"init_seed": cfg["seed"] or 0}
+
+
+def build_encoder(spec: dict):
+    cfg = {**spec, "seed": spec["init_seed"]}
+    base = backbones.build(cfg, deterministic_seed=spec["init_seed"])
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
+    return keras.Model(base.input, pooled, name="caption_encoder")
+
+
+def _cache_dir(ctx: Context) -> Path:
+    if ctx.cfg["cache_dir"]:
+        return Path(str(ctx.cfg["cache_dir"])).expanduser()
+    return ctx.run.dir.parent / ".embeddings"
+
+
+def embeddings(ctx: Context, data: CaptionData, items: list[tuple[str, list[str]]], split: str = "") -> np.ndarray:
+    """Pooled encoder features of `items`' images, from the cache or computed once and cached."""
+    cfg = ctx.cfg
+    spec = encoder_spec(cfg)
+    ids = [i for i, _ in items]
+    key_source = {"encoder": {**spec, "weights": backbones.weights_identity({**cfg, "seed": spec["init_seed"]})},
+                  "dataset": f"{data.kind}:{data.source}:{split}", "images": ids}
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:20]
+    path = _cache_dir(ctx) / f"{cfg['backbone']}-{cfg['image_size']}-{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as cached:
+            if cached["ids"].tolist() == ids:
+                ctx.reporter.info(f"image embeddings from the cache {path}")
+                return cached["embeddings"]
+    encoder = build_encoder(spec)
+    ctx.reporter.info(f"computing {cfg['backbone']} embeddings of {len(ids)} images (once; cached in {path.parent})")
+    out = []
+    for _, crops in _crops(cfg, data, items, split):
+        out.append(encoder.predict(np.asarray(backbones.preprocess(cfg["backbone"], crops)), verbose=0))
+    vectors = np.concatenate(out).astype(np.float32)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=np.array(ids), embeddings=vectors)
+
+    atomic_write(path, write)
+    return vectors
+
+
+def all_embeddings(ctx: Context, data: CaptionData) -> tuple[np.ndarray, np.ndarray]:
+    """(training embeddings, held-out embeddings): one cache file for a folder's images."""
+    if data.kind == "captions":
+        both = embeddings(ctx, data, sorted(data.train + data.heldout))
+        index = {name: i for i, (name, _) in enumerate(sorted(data.train + data.heldout))}
+        return (both[[index[n] for n, _ in data.train]], both[[index[n] for n, _ in data.heldout]])
+    return (embeddings(ctx, data, data.train, data.train_split),
+            embeddings(ctx, data, data.heldout, data.heldout_split))
+
+
+def caption_arrays(items, vectors: np.ndarray, vocab: list[str], max_tokens: int):
+    """One row per caption: (image embedding index, tokens)."""
+    rows = [(i, c) for i, (_, caps) in enumerate(items) for c in caps]
+    return np.array([i for i, _ in rows], np.int32), encode([c for _, c in rows], vocab, max_tokens)
+
+
+def pipeline(vectors: np.ndarray, image_index: np.ndarray, tokens: np.ndarray):
+    """(image embedding, words in) -> next words, weighted 0 on padding."""
+    vectors = tf.constant(vectors)
+    ds = tf.data.Dataset.from_tensor_slices((image_index, tokens))
+
+    def shape(i, t):
+        target = t[1:]
+        return (tf.gather(vectors, i), t[:-1]), target, tf.cast(target != PAD_ID, tf.float32)
+
+    return ds, shape
+
+
+# -- model ---------------------------------------------------------------------------------
+
+
+def build_model(cfg: dict, embed_dim: int, vocab_size: int, mean: np.ndarray, variance: np.ndarray):
+    image = keras.Input((embed_dim,), name="image_embedding")
+    words = keras.Input((None,), dtype="int32", name="words")
+    x = keras.layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name="embedding_norm")(image)
+    x = keras.layers.Dense(cfg["bottleneck"], activation="elu", name="image_bottleneck")(x)
+    state = keras.layers.Dense(cfg["lstm_units"], activation="elu", name="image_to_state")(x)
+    embedded = keras.layers.Embedding(vocab_size, cfg["word_embedding"], name="word_embedding")(words)
+    seq, _, _ = keras.layers.LSTM(cfg["lstm_units"], return_sequences=True, return_state=True, name="lstm")(
+        embedded, initial_state=[state, state])
+    hidden = keras.layers.Dense(cfg["logit_bottleneck"], activation="elu", name="logit_bottleneck")(seq)
+    logits = keras.layers.Dense(vocab_size, name="logits")(hidden)
+    model = keras.Model([image, words], logits, name="caption_lstm")
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg["lr"]),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
+        weighted_metrics=["accuracy"],
+        jit_compile=cfg["jit_compile"],
+    )
+    return model
+
+
+class Decoder:
+    """Step-by-step use of a trained caption model's layers, for greedy, sampled and beam decoding."""
+
+    def __init__(self, model, vocab: list[str], max_tokens: int):
+        self.layers = {name: model.get_layer(name) for name in (
+            "embedding_norm", "image_bottleneck", "image_to_state", "word_embedding", "lstm", "logit_bottleneck", "logits")}
+        self.vocab, self.max_tokens = vocab, max_tokens
+        self.banned = [PAD_ID, UNK_ID, START_ID]
+
+    def start(self, vectors: np.ndarray):
+        L = self.layers
+        h = L["image_to_state"](L["image_bottleneck"](L["embedding_norm"](vectors.astype(np.float32))))
+        return h, h
+
+    def step(self, words: np.ndarray, state):
+        L = self.layers
+        seq, h, c = L["lstm"](L["word_embedding"](words.astype(np.int32)[:, None]), initial_state=list(state))
+        logits = np.asarray(L["logits"](L["logit_bottleneck"](seq[:, 0])), np.float64)
+        logits[:, self.banned] = -np.inf
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        return logp, (h, c)
+
+    def sample(self, vectors: np.ndarray, temperature: float, rng: np.random.Generator) -> list[list[str]]:
+        """Draw each word from p ** (1/t) renormalised (the course's rule); t -> 0 is greedy."""
+        state = self.start(vectors)
+        words = np.full(len(vectors), START_ID)
+        out = np.zeros((len(vectors), 0), int)
+        for _ in range(self.max_tokens - 1):
+            logp, state = self.step(words, state)
+            scaled = np.exp((logp - logp.max(1, keepdims=True)) / temperature)
+            probs = scaled / scaled.sum(1, keepdims=True)
+            words = np.array([rng.choice(len(p), p=p) for p in probs])
+            out = np.concatenate([out, words[:, None]], 1)
+            if (out == END_ID).any(1).all():
+                break
+        return [decode_ids(row, self.vocab) for row in out]
+
+    def beam(self, vectors: np.ndarray, width: int) -> list[list[str]]:
+        """Beam search over all images at once (width 1 is greedy search)."""
+        n, V = len(vectors), len(self.vocab)
+        h, c = self.start(vectors)
+        h, c = np.repeat(np.asarray(h), width, 0), np.repeat(np.asarray(c), width, 0)
+        scores = np.full((n, width), -np.inf)
+        scores[:, 0] = 0.0
+        seqs = np.zeros((n, width, 0), int)
+        done = np.zeros((n, width), bool)
+        words = np.full(n * width, START_ID)
+        for _ in range(self.max_tokens - 1):
+            logp, (h, c) = self.step(words, (h, c))
+            logp = logp.reshape(n, width, V)
+            logp[done] = -np.inf
+            logp[done, END_ID] = 0.0  # a finished caption carries its score unchanged
+            total = (scores[:, :, None] + logp).reshape(n, width * V)
+            top = np.argsort(-total, axis=1, kind="stable")[:, :width]
+            beam, word = top // V, top % V
+            rows = (np.arange(n)[:, None] * width + beam).reshape(-1)
+            h, c = np.asarray(h)[rows], np.asarray(c)[rows]
+            seqs = np.concatenate([np.take_along_axis(seqs, beam[:, :, None], 1), word[:, :, None]], 2)
+            done = np.take_along_axis(done, beam, 1) | (word == END_ID)
+            scores = np.take_along_axis(total, top, 1)
+            words = word.reshape(-1)
+            if done.all():
+                break
+        lengths = np.where(seqs == END_ID, np.arange(seqs.shape[2]), seqs.shape[2]).min(2) + 1
+        ranked = np.where(np.isfinite(scores), scores / lengths ** LENGTH_ALPHA, -np.inf)
+        best = ranked.argmax(1)
+        return [decode_ids(seqs[i, best[i]], self.vocab) for i in range(n)]
+
+
+# -- train / evaluate ----------------------------------------------------------------------
+
+
+def _vocab(ctx: Context) -> list[str]:
+    path = ctx.run.path("vocab.json")
+    if not path.exists():
+        raise UsageError(f"run {ctx.run.dir} has no vocab.json; was it trained by caption?")
+    return json.loads(path.read_text())
+
+
+def train(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    training.set_seed(cfg["seed"])
+    backbones.check_size(cfg)
+    backbones.resolve_weights(cfg)  # the weights error before any data work
+    data = load_data(cfg)
+    vocab = build_vocab([c for _, caps in data.train for c in caps], cfg["min_word_count"])
+    atomic_write_json(ctx.run.path("vocab.json"), vocab)
+    atomic_write_json(ctx.run.path("encoder.json"), encoder_spec(cfg))
+    train_vectors, held_vectors = all_embeddings(ctx, data)
+    index, tokens = caption_arrays(data.train, train_vectors, vocab, cfg["max_caption_tokens"])
+    held_index, held_tokens = caption_arrays(data.heldout, held_vectors, vocab, cfg["max_caption_tokens"])
+    ctx.reporter.info(f"{len(data.train)} training images ({len(tokens)} captions), {len(data.heldout)} held out; "
+                      f"vocabulary {len(vocab)} words")
+    train_ds, shape = pipeline(train_vectors, index, tokens)
+    held_ds, held_shape = pipeline(held_vectors, held_index, held_tokens)
+    val = held_ds.map(held_shape).batch(256).cache()
+
+    def train_data(epoch):
+        shuffled = train_ds.shuffle(len(tokens), seed=training.epoch_seed(cfg["seed"], epoch))
+        return shuffled.map(shape).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
+
+    mean, var = train_vectors.mean(0), train_vectors.var(0) + 1e-6
+    model, history = training.fit(
+        ctx, lambda: build_model(cfg, train_vectors.shape[1], len(vocab), mean, var), train_data, val,
+        steps_per_epoch=-(-len(tokens) // cfg["batch_size"]))
+    final = history[-1]
+    return {"val_loss": final["val_loss"], "val_next_word_accuracy": final["val_accuracy"],
+            "train_images": len(data.train), "heldout_images": len(data.heldout), "vocabulary": len(vocab)}
+
+
+def baseline_caption(items) -> list[str]:
+    """The trivial baseline: the most common training caption (as tokens), for every image."""
+    counts = Counter(" ".join(tokenize(c)) for _, caps in items for c in caps)
+    return counts.most_common(1)[0][0].split()
+
+
+def bigram_accuracy(train_tokens: np.ndarray, held_tokens: np.ndarray) -> float:
+    """Next-word accuracy of 'the most common word after the previous one' in training captions."""
+    following: dict[int, Counter] = defaultdict(Counter)
+    for row in train_tokens:
+        for a, b in zip(row[:-1], row[1:]):
+            if b != PAD_ID:
+                following[a][b] += 1
+    best = {a: c.most_common(1)[0][0] for a, c in following.items()}
+    prev, nxt = held_tokens[:, :-1].ravel(), held_tokens[:, 1:].ravel()
+    real = nxt != PAD_ID
+    guesses = np.array([best.get(int(a), UNK_ID) for a in prev[real]])
+    return float(np.mean(guesses == nxt[real]))
+
+
+def evaluate(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    model = training.load_model(ctx.model_path, "caption")
+    vocab = _vocab(ctx)
+    data = load_data(cfg)
+    train_vectors, held_vectors = all_embeddings(ctx, data)
+    held_index, held_tokens = caption_arrays(data.heldout, held_vectors, vocab, cfg["max_caption_tokens"])
+    held_ds, shape = pipeline(held_vectors, held_index, held_tokens)
+    loss, accuracy = model.evaluate(held_ds.map(shape).batch(256), verbose=0)
+    references = [[tokenize(c) for c in caps] for _, caps in data.heldout]
+    decoder = Decoder(model, vocab, cfg["max_caption_tokens"])
+    metrics = {"heldout_images": len(data.heldout), "next_word_accuracy": float(accuracy), "loss": float(loss)}
+    widths = [1] + ([cfg["eval_beam"]] if cfg["eval_beam"] > 1 else [])
+    for width in widths:
+        hyps = [w for s in range(0, len(held_vectors), 256) for w in decoder.beam(held_vectors[s: s + 256], width)]
+        prefix = "greedy" if width == 1 else f"beam{width}"
+        metrics.update({f"{prefix}_bleu_{n}": round(b, 4) for n, b in enumerate(corpus_bleu(references, hyps), 1)})
+    baseline = baseline_caption(data.train)
+    metrics.update({f"baseline_bleu_{n}": round(b, 4) for n, b in
+                    enumerate(corpus_bleu(references, [baseline] * len(references)), 1)})
+    _, train_tokens = caption_arrays(data.train, train_vectors, vocab, cfg["max_caption_tokens"])
+    metrics["baseline_next_word_accuracy"] = bigram_accuracy(train_tokens, held_tokens)
+    metrics["baseline_caption"] = " ".join(baseline)
+    return metrics
+
+
+# -- predict -------------------------------------------------------------------------------
+
+
+def _decode(ctx: Context, decoder: Decoder, vectors: np.ndarray) -> list[list[str]]:
+    beam, temperature = ctx.options.get("beam", 1), ctx.options.get("temperature", 0.0)
+    if beam < 1 or temperature < 0:
+        raise UsageError("--beam must be >= 1 and --temperature >= 0")
+    if temperature > 0:
+        if beam > 1:
+            raise UsageError("use --beam or --temperature, not both")
+        return decoder.sample(vectors, temperature, np.random.default_rng(ctx.cfg["seed"]))
+    return decoder.beam(vectors, beam)
+
+
+def predict(ctx: Context, inputs: list[str]) -> list[dict]:
+    if not inputs:
+        raise UsageError("give image files to caption: `dlcli predict caption photo.jpg [more.jpg ...]`")
+    model = training.load_model(ctx.model_path, "caption")
+    vocab = _vocab(ctx)
+    spec_path = ctx.run.path("encoder.json")
+    spec = json.loads(spec_path.read_text()) if spec_path.exists() else encoder_spec(ctx.cfg)
+    good, images, failures = read_many(inputs, lambda p: read_image(p, mode="RGB"))
+    rows = []
+    if images:
+        encoder = build_encoder(spec)
+        vectors = np.concatenate([
+            encoder.predict(backbones.prepare_numpy(spec["backbone"], images[s: s + 32], spec["image_size"]), verbose=0)
+            for s in range(0, len(images), 32)])
+        captions = _decode(ctx, Decoder(model, vocab, ctx.cfg["max_caption_tokens"]), vectors)
+        rows = [{"input": p, "caption": " ".join(c), "text": " ".join(c)} for p, c in zip(good, captions)]
+    order = {p: i for i, p in enumerate(map(str, inputs))}
+    return sorted(rows + failures, key=lambda r: order.get(r["input"], 0))
+
+
+# -- views ---------------------------------------------------------------------------------
+
+
+def view_samples(ctx: Context) -> Path:
+    """Held-out images with the generated caption (bold) above two of their references."""
+    from dlcli.plots import pyplot, save_figure
+
+    cfg = ctx.cfg
+    model = training.load_model(ctx.model_path, "caption")
+    vocab = _vocab(ctx)
+    data = load_data(cfg)
+    _, held_vectors = all_embeddings(ctx, data)
+    n = min(ctx.options["n"], len(data.heldout))
+    captions = _decode(ctx, Decoder(model, vocab, cfg["max_caption_tokens"]), held_vectors[:n])
+    crops = [c for _, batch in _crops({**cfg, "image_size": 224}, data, data.heldout[:n], data.heldout_split)
+             for c in batch][:n]
+    plt = pyplot()
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.4, rows * 4.3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(crops[i])
+        refs = "\n".join(textwrap.fill("- " + r, 44) for r in data.heldout[i][1][:2])
+        ax.set_title(textwrap.fill(" ".join(captions[i]) or "(empty)", 40), fontsize=8, fontweight="bold")
+        ax.text(0, 1.0, refs, transform=ax.transAxes, fontsize=6.5, va="top", ha="left", color="dimgray",
+                bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none"})
+    how = f"beam {ctx.options['beam']}" if ctx.options["beam"] > 1 else "greedy"
+    fig.suptitle(f"caption / {ctx.run.name}: held-out images, generated ({how}) and reference captions")
+    return save_figure(fig, ctx.out or ctx.run.views_path("caption-samples"))
+
+
+DECODE_OPTIONS = {
+    "beam": Option(int, 1, "beam width (1: greedy search)"),
+    "temperature": Option(float, 0.0, "sample words with this temperature instead (0: off)"),
+}
+
+TASK = TaskSpec(
+    name="caption",
+    summary="caption images: a pretrained CNN encoder (cached embeddings) and an LSTM decoder",
+    defaults=DEFAULTS,
+    choices=CHOICES,
+    train=train,
+    evaluate=evaluate,
+    predict=predict,
+    predict_options=DECODE_OPTIONS,
+    views={
+        "caption-samples": View(view_samples, "held-out images with generated and reference captions",
+                                options={"n": Option(int, 8, "how many images"), **DECODE_OPTIONS}),
+    },
+)
