@@ -1,0 +1,326 @@
+"""dlcli's benchmark suite (issue 7): one command, one table, one JSON file.
+
+    python benchmarks/run.py                       # everything (under 15 minutes on 2 cores)
+    python benchmarks/run.py --quick               # smaller data, fewer repetitions
+    python benchmarks/run.py --task mnist          # one task (plus start-up)
+    python benchmarks/run.py --data ../shared/data --json-out benchmarks/results/latest.json
+
+Data: `--data DIR` or $DLCLI_SHARED_DATA (the shared real data sets); generated where absent.
+Every figure is measured in a child process beside its reference, in the same run, with
+repetitions interleaved; the table shows medians and ratios. Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import datasets  # noqa: E402
+from benchmarks.common import (BENCH, PYTHON, dlcli_cmd, interleaved, machine_facts, median,  # noqa: E402
+                               run_measured, shared_data, write_json)
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)\b")
+KERAS_TASKS_WITH_REFERENCE = ("mnist", "names", "cnn")
+ROWS: list[dict] = []
+
+
+def row(section, task, figure, value, unit, reference=None, ref_label="", ratio=None, target=None, note=""):
+    holds = None
+    if target is not None and ratio is not None:
+        op, bound = target
+        holds = ratio >= bound if op == ">=" else ratio <= bound
+    r = {"section": section, "task": task, "figure": figure, "value": value, "unit": unit,
+         "reference": reference, "reference_label": ref_label, "ratio": ratio,
+         "target": f"{target[0]} {target[1]}" if target else "", "holds": holds, "note": note}
+    ROWS.append(r)
+    shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
+    print(f"  {section:10} {task:12} {figure:34} {shown} {unit}" + (f"  ratio {ratio:.3f}" if ratio is not None else ""), flush=True)
+    return r
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def worker(*args, timeout=600):
+    return run_measured([PYTHON, str(BENCH / "workers.py"), *args], timeout=timeout)
+
+
+# -- training throughput + peak memory ----------------------------------------------------
+
+
+def epoch_times(result) -> list[float]:
+    """Seconds between successive `epoch N/E` lines of a dlcli run (epoch 2 onwards)."""
+    stamps = {}
+    for t, line in result.lines:
+        m = EPOCH_LINE.match(line.strip())
+        if m:
+            stamps[int(m.group(1))] = t
+    keys = sorted(stamps)
+    return [stamps[b] - stamps[a] for a, b in zip(keys, keys[1:]) if b == a + 1]
+
+
+def train_specs(tmp: Path, shared: Path | None, quick: bool, epochs: int) -> dict:
+    """task -> {"flags": config overrides for dlcli and the reference, "args": extra dlcli args}."""
+    q = 0 if quick else 1
+    specs = {}
+    specs["linear"] = {"flags": {"epochs": epochs}}
+    npz = datasets.mnist_npz(tmp, shared, datasets.SIZES["mnist"][q], 2000)
+    specs["mnist"] = {"flags": {"dataset": f"npz:{npz}", "epochs": epochs, "val_size": 2000}}
+    txt = datasets.names_text(tmp, shared, datasets.SIZES["names"][q])
+    specs["names"] = {"flags": {"dataset": f"text:{txt}", "epochs": epochs, "samples": 16}}
+    n = datasets.SIZES["cnn"][q]
+    folder = datasets.image_folder(tmp, "cifar", shared / "cifar10" if shared else None, n + 256, 100)
+    specs["cnn"] = {"flags": {"dataset": f"folder:{folder}", "epochs": epochs, "val_size": 256}}
+    if not quick:  # the tasks without a plain-Keras reference yet: memory and dlcli speed only
+        faces = datasets.faces_folder(tmp, shared, 600)
+        specs["autoencoder"] = {"flags": {"dataset": f"folder:{faces}", "epochs": 2}}
+        specs["gan"] = {"flags": {"dataset": f"folder:{faces}", "epochs": 2, "mmd_samples": 100}}
+        flowers = datasets.image_folder(tmp, "flowers", shared / "flowers" if shared else None, 100, 25,
+                                        size=256, splits=("train", "val"))
+        specs["finetune"] = {"flags": {"dataset": f"folder:{flowers}", "epochs": 2, "head_epochs": 1,
+                                       "weights": "none"}}
+        caps = datasets.captions_folder(tmp, shared, 60)
+        if caps:
+            specs["caption"] = {"flags": {"dataset": f"captions:{caps}", "epochs": 2, "weights": "none",
+                                          "min_word_count": 2}}
+    return specs
+
+
+def dlcli_train(task, spec, ckpt: Path, run_name: str, timeout=600):
+    args = ["train", task, "--checkpoint-dir", str(ckpt), "--run", run_name, "--json"]
+    for k, v in spec["flags"].items():
+        args += ["--set", f"{k}={v}"] if k not in ("epochs", "dataset") else [f"--{k}", str(v)]
+    return run_measured(dlcli_cmd(*args), timeout=timeout)
+
+
+def bench_training(task, spec, ckpt: Path, rounds: int) -> dict:
+    """Interleaved rounds of `dlcli train` and the plain Keras script; median epoch time each."""
+    out = {"dlcli_epochs": [], "ref_epochs": [], "dlcli_rss": [], "ref_rss": [], "examples": None}
+    has_ref = task in KERAS_TASKS_WITH_REFERENCE
+    for r in range(rounds):
+        order = ["dlcli", "ref"] if r % 2 == 0 else ["ref", "dlcli"]
+        for side in order:
+            if side == "dlcli":
+                res = dlcli_train(task, spec, ckpt, f"bench-{r}", timeout=300 if task not in KERAS_TASKS_WITH_REFERENCE + ("linear",) else 600)
+                if res.rc != 0:
+                    raise RuntimeError(f"dlcli train {task} failed (exit {res.rc}): " + " | ".join(res.stderr.strip().splitlines()[-3:]))
+                out["dlcli_epochs"] += epoch_times(res)
+                out["dlcli_rss"].append(res.maxrss_mb)
+                out["dlcli_wall"] = res.wall
+            elif has_ref:
+                res = worker("reference", task, "--spec", json.dumps(spec)).check(f"reference {task}")
+                data = res.json()
+                ends = data["epoch_ends"]
+                out["ref_epochs"] += [b - a for a, b in zip(ends, ends[1:])]
+                out["ref_rss"].append(res.maxrss_mb)
+                out["examples"] = data["examples"]
+    return out
+
+
+def report_training(task, m):
+    d, rf = median(m["dlcli_epochs"]), median(m["ref_epochs"])
+    n = m["examples"]
+    if n and d and rf:
+        dl, ref = n / d, n / rf
+        row("training", task, "train examples/s (dlcli vs Keras)", dl, "ex/s", ref, "plain model.fit", dl / ref, (">=", 0.95),
+            note=f"median of {len(m['dlcli_epochs'])}/{len(m['ref_epochs'])} epochs after the first")
+        m["dlcli_throughput"] = dl
+    elif d:
+        row("training", task, "seconds per epoch (dlcli)", d, "s", note="no plain-Keras reference for this task yet")
+    elif m.get("dlcli_wall"):
+        row("training", task, "whole run (dlcli)", m["dlcli_wall"], "s", note="task has no epoch lines (NumPy)")
+    peak = max(m["dlcli_rss"]) if m["dlcli_rss"] else None
+    ref_peak = max(m["ref_rss"]) if m["ref_rss"] else None
+    if peak:
+        row("memory", task, "peak RSS of dlcli train", peak, "MB", ref_peak, "plain Keras script" if ref_peak else "",
+            peak / ref_peak if ref_peak else None)
+
+
+# -- input pipeline -----------------------------------------------------------------------
+
+
+def bench_pipeline(task, spec, train_throughput, repeats):
+    res = worker("pipeline", task, "--spec", json.dumps(spec), "--repeats", str(repeats))
+    if res.rc != 0:
+        row("pipeline", task, "input pipeline", "failed", "", note=res.stderr.strip().splitlines()[-1][:120])
+        return
+    data = res.json()
+    first = data["examples"] / data["first_epoch_s"]
+    later = data["examples"] / median(data["later_epoch_s"])
+    ratio = first / train_throughput if train_throughput else None
+    row("pipeline", task, "files -> batches, first epoch", first, "ex/s", train_throughput, "dlcli training ex/s", ratio,
+        (">=", 3.0) if ratio else None, note="read + decode + preprocess + batch, from disk")
+    row("pipeline", task, "cached epochs (shuffle+batch)", later, "ex/s", train_throughput, "dlcli training ex/s",
+        later / train_throughput if train_throughput else None, (">=", 3.0) if train_throughput else None)
+
+
+# -- prediction ---------------------------------------------------------------------------
+
+
+def bench_predict(task, model: Path, images: list[str], tmp: Path, repeats: int):
+    listing = tmp / f"{task}-images.txt"
+    listing.write_text("\n".join(images))
+
+    def call(files):
+        def go():
+            res = run_measured(dlcli_cmd("predict", task, "--checkpoint", str(model), "--json", *files), timeout=600)
+            res.check(f"dlcli predict {task}")
+            return res.wall
+        return go
+
+    times = interleaved({"many": call(images), "one": call(images[:1])}, repeats=repeats, warmup=0)
+    ref = worker("predict-ref", task, "--model", str(model), "--images", str(listing), "--repeats", "5").check("predict-ref").json()
+    cli = worker("predict-cli", task, "--model", str(model), "--images", str(listing), "--repeats", str(max(2, repeats))).check("predict-cli").json()
+    many, one = median(times["many"]), median(times["one"])
+    ref_rate = ref["images"] / median(ref["seconds"])
+    in_proc = cli["images"] / median(cli["many_s"])
+    row("predict", task, f"dlcli predict, {len(images)} files, one call", in_proc, "img/s", ref_rate,
+        "model.predict in memory", in_proc / ref_rate, (">=", 0.8),
+        note=f"the CLI in a warm process (start-up is measured apart): load model + decode files + predict; "
+             f"a 1-file call takes {median(cli['one_s']):.2f}s")
+    end_to_end = len(images) / many
+    row("predict", task, f"dlcli predict, {len(images)} files, fresh process", end_to_end, "img/s", ref_rate,
+        "model.predict in memory", end_to_end / ref_rate, note=f"{many:.1f}s including Python + TensorFlow start-up")
+    return one
+
+
+def bench_latency(task, model_args: list[str], image: str, repeats: int, extra=()):
+    def go():
+        res = run_measured(dlcli_cmd("predict", task, *model_args, "--json", *extra, image), timeout=600)
+        res.check(f"dlcli predict {task}")
+        return res.wall
+    times = interleaved({"one": go}, repeats=repeats, warmup=1)["one"]
+    row("latency", task, "one image end to end" + (f" ({' '.join(extra)})" if extra else ""), median(times), "s",
+        note="fresh process: start-up + model load + decode + predict")
+
+
+# -- start-up -----------------------------------------------------------------------------
+
+
+def bench_startup(repeats):
+    cmds = {
+        "python -c pass": [PYTHON, "-c", "pass"],
+        'python -c "import tensorflow"': [PYTHON, "-c", "import tensorflow"],
+        "dlcli --help": dlcli_cmd("--help"),
+        "dlcli tasks": dlcli_cmd("tasks", "--checkpoint-dir", tempfile.gettempdir() + "/dlcli-bench-none"),
+    }
+
+    def timed(cmd):
+        return lambda: run_measured(cmd, timeout=120).check(" ".join(cmd)).wall
+
+    times = interleaved({k: timed(v) for k, v in cmds.items()}, repeats=repeats, warmup=1)
+    base, tf_time = median(times["python -c pass"]), median(times['python -c "import tensorflow"'])
+    row("start-up", "-", "python -c pass", base, "s")
+    row("start-up", "-", 'python -c "import tensorflow"', tf_time, "s")
+    for name in ("dlcli --help", "dlcli tasks"):
+        t = median(times[name])
+        row("start-up", "-", name, t, "s", tf_time, "import tensorflow", t / tf_time, ("<=", 0.5 / tf_time),
+            note=f"target < 0.5 s; {t - base:.2f}s above bare python; holds={t < 0.5}")
+        ROWS[-1]["holds"] = t < 0.5
+        ROWS[-1]["target"] = "< 0.5 s"
+
+
+# -- table --------------------------------------------------------------------------------
+
+
+def fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(rows) -> str:
+    lines = ["| section | task | figure | value | reference | ratio | target | holds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = f"{fmt(r['reference'])} ({r['reference_label']})" if r["reference"] is not None else ""
+        holds = {True: "yes", False: "**no**", None: ""}[r["holds"]]
+        lines.append(f"| {r['section']} | {r['task']} | {r['figure']} | {fmt(r['value'])} {r['unit']} | {ref} | "
+                     f"{fmt(r['ratio'])} | {r['target']} | {holds} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", help="only this task (start-up is always measured)")
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer repetitions")
+    p.add_argument("--data", help="shared data folder (default: $DLCLI_SHARED_DATA; generated if absent)")
+    p.add_argument("--json-out", default=str(BENCH / "results" / "latest.json"))
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: startup,training,pipeline,predict")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.perf_counter()
+    from dlcli.tasks import TASK_NAMES
+
+    shared = shared_data(args.data)
+    facts = machine_facts()
+    facts.update({"mode": "quick" if args.quick else "full", "shared_data": str(shared) if shared else "generated"})
+    print("dlcli benchmarks: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
+
+    importable, skipped = [], {}
+    for name in TASK_NAMES:
+        res = run_measured([PYTHON, "-c", f"import dlcli.tasks.{name}"], timeout=120)
+        (importable.append(name) if res.rc == 0 else skipped.__setitem__(name, res.stderr.strip().splitlines()[-1:]))
+    tasks = [t for t in importable if not args.task or t == args.task]
+    if args.task and args.task not in importable:
+        sys.exit(f"task {args.task!r} is not available: {skipped.get(args.task, 'unknown task')}")
+
+    rounds = 1 if args.quick else 2
+    epochs = 3 if args.quick else 4
+    with tempfile.TemporaryDirectory(prefix="dlcli-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        ckpt = tmp / "checkpoints"
+        if "startup" not in skip:
+            log("== start-up")
+            bench_startup(3 if args.quick else 7)
+        specs = train_specs(tmp, shared, args.quick, epochs)
+        for task in tasks:
+            if task not in specs:
+                skipped[task] = ["not measured in --quick mode" if args.quick else "no benchmark recipe"]
+                continue
+            log(f"== {task}  ({time.perf_counter() - started:.0f}s so far)")
+            measured = {}
+            try:
+                if "training" not in skip:
+                    measured = bench_training(task, specs[task], ckpt, rounds if task in KERAS_TASKS_WITH_REFERENCE else 1)
+                    report_training(task, measured)
+                if "pipeline" not in skip and task in ("linear", "mnist", "names", "cnn"):
+                    bench_pipeline(task, specs[task], measured.get("dlcli_throughput"), 2)
+                model = ckpt / task / "bench-0" / "model.keras"
+                if "predict" not in skip and model.exists():
+                    if task == "mnist":
+                        one = bench_predict(task, model, datasets.mnist_images(tmp, Path(specs["mnist"]["flags"]["dataset"][4:])), tmp, rounds)
+                        row("latency", task, "one image end to end", one, "s", note="the 1-file call above")
+                    elif task == "cnn":
+                        imgs = datasets.flat_images(Path(specs["cnn"]["flags"]["dataset"][7:]) / "train", 1000)
+                        one = bench_predict(task, model, imgs, tmp, rounds)
+                        row("latency", task, "one image end to end", one, "s", note="the 1-file call above")
+                    elif task == "caption":
+                        img = datasets.flat_images(Path(specs["caption"]["flags"]["dataset"][9:]) / "images", 1)[0]
+                        bench_latency(task, ["--checkpoint", str(model)], img, rounds, extra=("--beam", "5"))
+            except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the suite
+                row("error", task, "benchmark failed", str(exc)[:300], "")
+                log(f"   {task} failed: {exc}")
+    facts["elapsed_s"] = round(time.perf_counter() - started, 1)
+    table = markdown_table(ROWS)
+    print()
+    print(table)
+    if skipped:
+        print("\nnot measured: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in skipped.items()))
+    print(f"\nsuite time {facts['elapsed_s']:.0f}s")
+    write_json(Path(args.json_out), {"machine": facts, "rows": ROWS, "skipped": skipped, "table_markdown": table})
+    print(f"written {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()

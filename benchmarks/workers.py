@@ -1,0 +1,192 @@
+"""Child-process measurements of the suite; each prints one JSON document on stdout.
+
+    python benchmarks/workers.py reference TASK --data DIR --epochs E --batch-size B
+        The plain Keras script: the task's architecture (its own build function, used ONLY
+        to build and compile the model), the same in-memory arrays as the dlcli run, and a
+        bare `model.fit(..., verbose=0)`; prints the time at which each epoch ended.
+    python benchmarks/workers.py pipeline TASK --data DIR --batch-size B
+        The task's own input pipeline alone (read files, decode, preprocess, batch), no model.
+    python benchmarks/workers.py predict-ref TASK --model FILE --images LIST --repeats R
+        `model.predict` on the images already decoded and preprocessed in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dlcli.lazy import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from dlcli import config as config_lib  # noqa: E402
+from dlcli.tasks import get_task  # noqa: E402
+
+
+def task_cfg(task: str, spec: dict) -> dict:
+    """The resolved config the dlcli run used (task defaults + the benchmark's overrides)."""
+    t = get_task(task)
+    return config_lib.resolve(t.defaults, flags=spec.get("flags", {}), choices=t.choices)
+
+
+class Clock(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ends.append(time.perf_counter() - self.start)
+
+
+# -- the same arrays as the dlcli run, per task ------------------------------------------------
+
+
+def arrays(task: str, cfg: dict):
+    """((x_train, y_train), (x_val, y_val), build()) exactly as the task's train() makes them."""
+    mod = __import__(f"dlcli.tasks.{task}", fromlist=["x"])
+    if task == "mnist":
+        a = mod.load_arrays(cfg)
+        (xt, yt), (xv, yv) = mod.split_validation(a, cfg["val_size"])
+        return (mod.scale(xt), yt), (mod.scale(xv), yv), lambda: mod.build_model(cfg, len(a["classes"]))
+    if task == "names":
+        tr, va = mod.split_lines(mod.load_lines(cfg), cfg["val_fraction"], cfg["seed"])
+        vocab = mod.Vocab(sorted(set("".join(tr + va))), max(map(len, tr)))
+        length = max(map(len, tr + va)) + 1
+        return mod.to_arrays(tr, vocab, length), mod.to_arrays(va, vocab, length), lambda: mod.build_model(cfg, vocab.size)
+    if task == "cnn":
+        x, y, classes = mod.load_split(cfg, "train")
+        (xt, yt), (xv, yv) = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
+        return (mod.scale(xt), yt), (mod.scale(xv), yv), lambda: mod.build_model(cfg, len(classes))
+    raise SystemExit(f"no plain-Keras reference for task {task}")
+
+
+def reference(args, spec):
+    cfg = task_cfg(args.task, spec)
+    keras.utils.set_random_seed(cfg["seed"])
+    (xt, yt), (xv, yv), build = arrays(args.task, cfg)
+    model = build()  # architecture and compile only
+    clock = Clock()
+    # The plain script: arrays in memory, same batch size, shuffled each epoch, validated.
+    model.fit(xt, yt, batch_size=cfg["batch_size"], epochs=cfg["epochs"], validation_data=(xv, yv),
+              validation_batch_size=1024, shuffle=True, verbose=0, callbacks=[clock])
+    return {"examples": int(len(xt)), "epoch_ends": clock.ends}
+
+
+def pipeline(args, spec):
+    """Seconds for the task's data path from files to the first full epoch of batches."""
+    cfg = task_cfg(args.task, spec)
+    mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
+    from dlcli import training
+
+    t0 = time.perf_counter()
+    if args.task == "mnist":
+        a = mod.load_arrays(cfg)
+        (xt, yt), _ = mod.split_validation(a, cfg["val_size"])
+        train_data, _ = training.array_epochs(mod.scale(xt), yt, cfg["batch_size"], cfg["seed"])
+    elif args.task == "names":
+        tr, va = mod.split_lines(mod.load_lines(cfg), cfg["val_fraction"], cfg["seed"])
+        vocab = mod.Vocab(sorted(set("".join(tr + va))), max(map(len, tr)))
+        xt, yt = mod.to_arrays(tr, vocab, max(map(len, tr + va)) + 1)
+        train_data, _ = training.array_epochs(xt, yt, cfg["batch_size"], cfg["seed"])
+    elif args.task == "cnn":
+        x, y, _ = mod.load_split(cfg, "train")
+        (xt, yt), _ = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
+        ex = mod.examples(xt, yt)
+        train_data = lambda e: mod.batches(ex, cfg["batch_size"], training.epoch_seed(cfg["seed"], e), shuffle=True)  # noqa: E731
+    elif args.task == "linear":
+        d = mod.load_data(cfg)
+        mod.expand(d["x_train"])
+        first = time.perf_counter() - t0
+        return {"examples": int(len(d["x_train"])), "first_epoch_s": first, "later_epoch_s": [first]}
+    else:
+        raise SystemExit(f"no pipeline measurement for task {args.task}")
+    n = 0
+    for xb, _ in train_data(0):
+        n += int(xb.shape[0])
+    first = time.perf_counter() - t0
+    later = []
+    for epoch in range(1, 1 + args.repeats):  # cached epochs: shuffle + batch only
+        t1 = time.perf_counter()
+        for _ in train_data(epoch):
+            pass
+        later.append(time.perf_counter() - t1)
+    return {"examples": n, "first_epoch_s": first, "later_epoch_s": later}
+
+
+def predict_ref(args, spec):
+    from dlcli import training
+    from dlcli.images import read_image
+
+    mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
+    paths = Path(args.images).read_text().split()
+    if args.task == "mnist":
+        images = np.stack([mod.to_mnist(read_image(p, mode="L")) for p in paths])
+    else:
+        images = np.stack([mod.to_input(read_image(p, mode="RGB")) for p in paths])
+    model = training.load_model(Path(args.model), args.task)
+    model.predict(images, batch_size=256, verbose=0)  # warm-up (tracing)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        model.predict(images, batch_size=256, verbose=0)
+        times.append(time.perf_counter() - t)
+    return {"images": len(images), "seconds": times}
+
+
+def predict_cli(args, spec):
+    """`dlcli predict` run in this process (start-up excluded; it is measured on its own):
+    CLI parsing, model loading, reading and decoding every file, predicting, JSON output."""
+    import contextlib
+    import io
+
+    from dlcli.cli import app
+
+    paths = Path(args.images).read_text().split()
+
+    def call(files):
+        argv = ["predict", args.task, "--checkpoint", args.model, "--json", *files]
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                app(argv)
+            except SystemExit as exc:
+                if exc.code not in (0, None):
+                    raise RuntimeError(f"dlcli predict exited {exc.code}") from None
+        return time.perf_counter() - t
+
+    call(paths[:1])  # warm-up: imports, first tracing
+    many, one = [], []
+    for _ in range(args.repeats):
+        many.append(call(paths))
+        one.append(call(paths[:1]))
+    return {"images": len(paths), "many_s": many, "one_s": one}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["reference", "pipeline", "predict-ref", "predict-cli"])
+    p.add_argument("task")
+    p.add_argument("--spec", default="{}", help="JSON: {'flags': {...}} the dlcli run's config overrides")
+    p.add_argument("--model")
+    p.add_argument("--images")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    spec = json.loads(args.spec)
+    out = {"reference": reference, "pipeline": pipeline, "predict-ref": predict_ref, "predict-cli": predict_cli}[args.what](args, spec)
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
