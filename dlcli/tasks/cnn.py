@@ -1,0 +1,452 @@
+"""Task `cnn`: a convolutional network for CIFAR-10, trained from scratch.
+
+Week 3, task 1 of the course. Images are 32x32 RGB scaled to x / 255 - 0.5, as in the
+course. Two models:
+
+- `course`: the course's network exactly (1,084,234 parameters), to be trained with the
+  course's recipe: Adamax, the learning rate decayed x0.9 per epoch
+  (`dlcli train cnn --model course --epochs 10 --batch-size 32 --lr 5e-3`).
+- `default`: the same kind of VGG-style stack with batch normalisation, random flips and
+  shifts as Keras layers inside the model (so they act only in training), SGD with
+  Nesterov momentum and weight decay, and a one-cycle learning rate per epoch. Larger
+  batches keep the two CPU cores busier, which is how it buys its extra depth.
+
+The run keeps `classes.json`, so `predict` names classes of any image folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dlcli import data as data_lib
+from dlcli import training
+from dlcli.errors import UsageError
+from dlcli.images import read_image, read_many
+from dlcli.lazy import lazy_import
+from dlcli.runs import atomic_write_json
+from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+
+keras = lazy_import("keras")
+tf = lazy_import("tensorflow")
+tfds = lazy_import("tensorflow_datasets")
+
+SIZE = 32
+DEFAULTS = {
+    **common_defaults(dataset="cifar10", epochs=12, batch_size=128, lr=0.05),
+    **training.keras_defaults(),
+    "model": "default",
+    "width": 32,  # filters of the default model's first block; doubled per block
+    "weight_decay": 5e-4,  # default model only (SGD, decoupled)
+    "warmup": 0.2,  # default model: share of the epochs the one-cycle rate climbs
+    "lr_decay": 0.9,  # course model: learning rate x lr_decay each epoch
+    "val_size": 2000,  # training images held out (seeded) for validation
+}
+CHOICES = {"model": ["default", "course"]}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def _decode(encoded):
+    """Encoded image bytes -> uint8 (32, 32, 3), resizing images of any other size."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = tf.cond(
+        tf.reduce_all(tf.shape(image)[:2] == SIZE),
+        lambda: image,
+        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (SIZE, SIZE), antialias=True)), 0, 255), tf.uint8),
+    )
+    return tf.ensure_shape(image, (SIZE, SIZE, 3))
+
+
+def _source(cfg: dict):
+    """(builder, train split, test split, class names) of `--dataset`."""
+    kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "folder"))
+    if kind == "folder":
+        builder = data_lib.image_folder(value)
+        splits = list(builder.info.splits.keys())
+        train_split = data_lib.pick_split(splits, ("train",), value)
+        test_split = data_lib.pick_split(splits, ("test", "val", "validation"), value)
+    else:
+        builder = data_lib.tfds_builder(value, cfg["data_dir"])
+        train_split, test_split = "train", "test"
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise UsageError(f"--dataset {cfg['dataset']!r} has no image and label features")
+    return builder, train_split, test_split, list(features["label"].names)
+
+
+def load_split(cfg: dict, which: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images uint8 (N, 32, 32, 3), int labels and class names of the train or test split.
+
+    Decoding runs in parallel in tf.data; the arrays stay uint8 in memory (150 MB for
+    CIFAR-10's 50k training images) and are scaled per batch.
+    """
+    builder, train_split, test_split, classes = _source(cfg)
+    split = train_split if which == "train" else test_split
+    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (_decode(ex["image"]), ex["label"]), num_parallel_calls=tf.data.AUTOTUNE)
+    xs, ys = [], []
+    for x, y in ds.batch(2048).prefetch(2).as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise UsageError(f"--dataset {cfg['dataset']!r}: the {split} split has no images")
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), classes
+
+
+def scale(x):
+    """uint8 pixels -> the course's input scale, x / 255 - 0.5 (NumPy or tensors)."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float32) / 255.0 - 0.5
+    return tf.cast(x, tf.float32) / 255.0 - 0.5
+
+
+def unscale(x: np.ndarray) -> np.ndarray:
+    return np.clip(x + 0.5, 0.0, 1.0)
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, val_size: int, seed: int | None):
+    """Hold out `val_size` training images drawn at random (image folders come sorted by class)."""
+    if val_size <= 0:
+        return (x, y), None
+    val_size = min(val_size, len(x) // 5)
+    order = np.random.default_rng(seed).permutation(len(x))
+    val, train = order[:val_size], order[val_size:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def examples(x: np.ndarray, y: np.ndarray):
+    """uint8 images and labels as a cached tf.data source, built once per split.
+
+    Not `training.array_epochs`: that batches the arrays as they are, and scaling CIFAR-10
+    to float32 up front would take 600 MB per copy; here each batch is scaled on the fly.
+    """
+    return tf.data.Dataset.from_tensor_slices((x, y)).cache()
+
+
+def batches(source, batch_size: int, shuffle_seed: int | None = None, shuffle: bool = False):
+    """(Seeded) shuffle, batch, scale in parallel, prefetch."""
+    if shuffle:
+        source = source.shuffle(source.cardinality(), seed=shuffle_seed, reshuffle_each_iteration=False)
+    ds = source.batch(batch_size).map(lambda a, b: (scale(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def course_model(n_classes: int = 10):
+    """The course's network, layer for layer: 1,084,234 parameters for 10 classes."""
+    layers = keras.layers
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = inputs
+    for block in ((16, 32), (32, 64)):
+        for filters in block:
+            x = layers.Conv2D(filters, 3, padding="same")(x)
+            x = layers.LeakyReLU(0.1)(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(0.25)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(256)(x)
+    x = layers.LeakyReLU(0.1)(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="class")(x)
+    return keras.Model(inputs, outputs, name="cnn_course")
+
+
+def default_model(n_classes: int = 10, width: int = 32):
+    """Conv-BN-ReLU blocks of width, 2w, 4w filters (one conv at full resolution, where it
+    costs most on a CPU, then two per block) behind flip/shift augmentation."""
+    layers = keras.layers
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = layers.RandomFlip("horizontal", name="flip")(inputs)
+    x = layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", name="shift")(x)
+    for i, (filters, convs) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2))):
+        for _ in range(convs):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.Dropout(0.1 * (i + 1))(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.3)(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="class")(x)
+    return keras.Model(inputs, outputs, name="cnn_default")
+
+
+def build_model(cfg: dict, n_classes: int = 10):
+    if cfg["model"] == "course":
+        model = course_model(n_classes)
+        optimizer = keras.optimizers.Adamax(cfg["lr"])
+    else:
+        model = default_model(n_classes, cfg["width"])
+        optimizer = keras.optimizers.SGD(cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=cfg["jit_compile"])
+    return model
+
+
+def one_cycle(cfg: dict, epoch: int) -> float:
+    """The default recipe's rate of an epoch: linear from lr/10 to lr over the first
+    `warmup` share of the epochs, then a cosine down to lr/100 at the last epoch."""
+    lr, epochs = cfg["lr"], cfg["epochs"]
+    rise = max(1, round(cfg["warmup"] * epochs))
+    if epoch < rise:
+        return lr * (0.1 + 0.9 * epoch / rise)
+    fall = max(1, epochs - 1 - rise)
+    t = min(1.0, (epoch - rise) / fall)
+    return lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def schedule(cfg: dict):
+    """The learning-rate callback of the model's recipe (a function of the epoch: resume-safe)."""
+    if cfg["model"] == "course":
+        return training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])
+    return keras.callbacks.LearningRateScheduler(lambda epoch: one_cycle(cfg, epoch))
+
+
+# -- train / evaluate ---------------------------------------------------------------------
+
+
+def train(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    training.set_seed(cfg["seed"])
+    x, y, classes = load_split(cfg, "train")
+    atomic_write_json(ctx.run.path("classes.json"), classes)
+    (x_train, y_train), val = split_validation(x, y, cfg["val_size"], cfg["seed"])
+    ctx.reporter.info(f"{len(x_train)} training images, {len(val[0]) if val else 0} for validation, {len(classes)} classes")
+
+    train_examples = examples(x_train, y_train)
+
+    def train_data(epoch):
+        return batches(train_examples, cfg["batch_size"], training.epoch_seed(cfg["seed"], epoch), shuffle=True)
+
+    model, history = training.fit(
+        ctx,
+        build_model=lambda: build_model(cfg, len(classes)),
+        train_data=train_data,
+        val_data=batches(examples(*val), 512) if val else None,
+        steps_per_epoch=-(-len(x_train) // cfg["batch_size"]),
+        callbacks=[schedule(cfg)],
+    )
+    x_test, y_test, _ = load_split(cfg, "test")
+    test_loss, test_acc = model.evaluate(batches(examples(x_test, y_test), 512), verbose=0)
+    final = history[-1]
+    return {**({"val_loss": final["val_loss"], "val_accuracy": final["val_accuracy"]} if val else {}),
+            "test_loss": float(test_loss), "test_accuracy": float(test_acc)}
+
+
+def _classes(ctx: Context) -> list[str]:
+    path = ctx.run.path("classes.json")
+    return json.loads(path.read_text()) if path.exists() else CIFAR10_CLASSES
+
+
+def _load(ctx: Context):
+    return training.load_model(ctx.model_path, "cnn")
+
+
+def _test_predictions(ctx: Context):
+    """(model, test images uint8, labels, probabilities)."""
+    model = _load(ctx)
+    x, y, _ = load_split(ctx.cfg, "test")
+    probs = model.predict(batches(examples(x, y), 512).map(lambda a, b: a), verbose=0)
+    return model, x, y, probs
+
+
+def evaluate(ctx: Context) -> dict:
+    _, _, y, probs = _test_predictions(ctx)
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1))))
+    return {"test_loss": loss, "test_accuracy": float(np.mean(probs.argmax(1) == y)), "test_examples": int(len(y))}
+
+
+# -- predict ------------------------------------------------------------------------------
+
+
+def to_input(image: np.ndarray) -> np.ndarray:
+    """Any RGB image -> a 32x32 model input (the whole image, squeezed to a square)."""
+    from PIL import Image
+
+    if image.shape[:2] != (SIZE, SIZE):
+        image = np.asarray(Image.fromarray(image).resize((SIZE, SIZE), Image.LANCZOS))
+    return scale(image)
+
+
+def predict(ctx: Context, inputs: list[str]) -> list[dict]:
+    if not inputs:
+        raise UsageError("give image files to classify: `dlcli predict cnn photo.jpg [more.jpg ...]`")
+    k = ctx.options["top_k"]
+    if k < 1:
+        raise UsageError(f"--top-k must be >= 1; got {k}")
+    model = _load(ctx)
+    classes = _classes(ctx)
+    good, images, failures = read_many(inputs, lambda p: to_input(read_image(p, mode="RGB")))
+    rows = []
+    if images:
+        probs = model.predict(np.stack(images), batch_size=256, verbose=0)
+        for path, p in zip(good, probs):
+            top = np.argsort(p)[::-1][:k]
+            rows.append({"input": path, "class": classes[top[0]], "probability": round(float(p[top[0]]), 4),
+                         **({"top": [{"class": classes[i], "probability": round(float(p[i]), 4)} for i in top]} if k > 1 else {})})
+    order = {p: i for i, p in enumerate(map(str, inputs))}
+    return sorted(rows + failures, key=lambda r: order.get(r["input"], 0))
+
+
+# -- views --------------------------------------------------------------------------------
+
+
+def _view_path(ctx: Context, name: str) -> Path:
+    return ctx.out or ctx.run.views_path(name)
+
+
+def _conv_layers(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def view_filters(ctx: Context) -> Path:
+    """The first conv layer's 3x3 RGB kernels, each stretched to [0, 1] to show its colours."""
+    from dlcli.plots import image_grid
+
+    first = _conv_layers(_load(ctx))[0]
+    kernel = np.asarray(first.kernel)  # (3, 3, 3, filters)
+    tiles = []
+    for f in range(kernel.shape[-1]):
+        w = kernel[..., f]
+        tiles.append((w - w.min()) / (w.max() - w.min() + 1e-8))
+    return image_grid(tiles, _view_path(ctx, "cnn-filters"), titles=[str(i) for i in range(len(tiles))],
+                      cols=8, tile_inches=0.9, suptitle=f"cnn / {ctx.run.name}: {first.name}, {len(tiles)} filters")
+
+
+def gradient_ascent(loss_of, steps: int, step: float, start_scale: float, seed: int | None) -> np.ndarray:
+    """The course's maximum-stimulus search: from small noise, climb the loss along its
+    gradient normalised by its root mean square, `steps` times."""
+    rng = np.random.default_rng(seed)
+    image = tf.Variable((rng.random((1, SIZE, SIZE, 3), dtype=np.float32) - 0.5) * start_scale)
+
+    @tf.function
+    def climb():
+        with tf.GradientTape() as tape:
+            loss = loss_of(image)
+        grad = tape.gradient(loss, image)
+        image.assign_add(step * grad / (tf.sqrt(tf.reduce_mean(tf.square(grad))) + 1e-10))
+
+    for _ in range(steps):
+        climb()
+    return image.numpy()[0]
+
+
+def for_display(image: np.ndarray) -> np.ndarray:
+    """The course's deprocessing: standardise, shrink to std 0.1 around grey 0.5, clip."""
+    image = (image - image.mean()) / (image.std() + 1e-5)
+    return np.clip(image * 0.1 + 0.5, 0.0, 1.0)
+
+
+def _parse_indices(text: str, limit: int, what: str) -> list[int]:
+    """'0-7' or '0,3,5' -> indices, each checked against `limit`."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, dash, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise UsageError(f"--filters {text!r}: expected indices like 0-7 or 0,3,5") from None
+    bad = [i for i in out if not 0 <= i < limit]
+    if not out or bad:
+        raise UsageError(f"--filters {text!r}: {what} has filters 0-{limit - 1}")
+    return out
+
+
+def view_stimuli(ctx: Context) -> Path:
+    """Inputs that excite chosen filters of a conv layer most (20 steps), and each class (200 x 0.1)."""
+    from dlcli.plots import image_grid
+
+    model = _load(ctx)
+    classes = _classes(ctx)
+    convs = _conv_layers(model)
+    names = [layer.name for layer in convs]
+    choice = ctx.options["layer"]
+    if choice.lstrip("-").isdigit() and -len(convs) <= int(choice) < len(convs):
+        layer = convs[int(choice)]
+    elif choice in names:
+        layer = convs[names.index(choice)]
+    else:
+        raise UsageError(f"--layer {choice!r}: give a conv layer's index (0-{len(convs) - 1}, -1 the last) or name ({', '.join(names)})")
+    filters = _parse_indices(ctx.options["filters"], layer.filters, layer.name)
+    seed = ctx.cfg.get("seed")
+
+    features = keras.Model(model.inputs, layer.output)
+    tiles, titles = [], []
+    for f in filters:
+        image = gradient_ascent(lambda img: tf.reduce_mean(features(img, training=False)[..., f]),
+                                ctx.options["filter_steps"], 1.0, 0.1, seed)
+        tiles.append(for_display(image))
+        titles.append(f"{layer.name} #{f}")
+
+    # A class's score is its logit: the input of the last (softmax) layer times its weights.
+    head = model.layers[-1]
+    penultimate = keras.Model(model.inputs, head.input)
+    for c, name in enumerate(classes):
+        image = gradient_ascent(
+            lambda img: tf.reduce_mean(tf.matmul(penultimate(img, training=False), head.kernel[:, c:c + 1]) + head.bias[c]),
+            ctx.options["class_steps"], 0.1, 0.001, seed)
+        tiles.append(for_display(image))
+        titles.append(f"class {name}")
+    return image_grid(tiles, _view_path(ctx, "cnn-stimuli"), titles=titles, cols=8,
+                      suptitle=f"cnn / {ctx.run.name}: maximum stimuli of {layer.name} filters and of each class")
+
+
+def view_confusion(ctx: Context) -> Path:
+    from dlcli.plots import confusion_matrix, confusion_plot
+
+    _, _, y, probs = _test_predictions(ctx)
+    classes = _classes(ctx)
+    matrix = confusion_matrix(y, probs.argmax(1), len(classes))
+    acc = np.trace(matrix) / max(matrix.sum(), 1)
+    return confusion_plot(matrix, classes, _view_path(ctx, "cnn-confusion"),
+                          f"cnn / {ctx.run.name}: test accuracy {acc:.4f}")
+
+
+def view_samples(ctx: Context) -> Path:
+    """Random test images (seeded) with the predicted class and score, green if right."""
+    from dlcli.plots import image_grid
+
+    _, x, y, probs = _test_predictions(ctx)
+    classes = _classes(ctx)
+    n = ctx.options["n"]
+    if n < 1:
+        raise UsageError(f"--n must be >= 1; got {n}")
+    chosen = np.random.default_rng(ctx.cfg.get("seed")).permutation(len(x))[:n]
+    pred = probs.argmax(1)
+    titles = [f"{classes[pred[i]]} {probs[i, pred[i]]:.2f}\n(true {classes[y[i]]})" for i in chosen]
+    colors = ["green" if pred[i] == y[i] else "red" for i in chosen]
+    return image_grid([x[i] for i in chosen], _view_path(ctx, "cnn-samples"), titles=titles, title_colors=colors,
+                      cols=8, suptitle=f"cnn / {ctx.run.name}: test images, predicted class and probability")
+
+
+TASK = TaskSpec(
+    name="cnn",
+    summary="CIFAR-10 from scratch: the course's CNN, and a batch-norm + augmentation recipe",
+    defaults=DEFAULTS,
+    choices=CHOICES,
+    train=train,
+    evaluate=evaluate,
+    predict=predict,
+    predict_options={"top_k": Option(int, 3, "how many classes to list per image")},
+    views={
+        "cnn-filters": View(view_filters, "the first conv layer's learnt filters as colour tiles"),
+        "cnn-stimuli": View(view_stimuli, "maximum-stimulus images by gradient ascent, for conv filters and classes",
+                            options={
+                                "layer": Option(str, "-1", "conv layer: index (0 first, -1 last) or name"),
+                                "filters": Option(str, "0-7", "filter indices, like 0-7 or 0,3,5"),
+                                "filter_steps": Option(int, 20, "gradient steps (size 1) per filter"),
+                                "class_steps": Option(int, 200, "gradient steps (size 0.1) per class"),
+                            }),
+        "cnn-confusion": View(view_confusion, "confusion matrix on the test set"),
+        "cnn-samples": View(view_samples, "test images with predicted and true labels and scores",
+                            options={"n": Option(int, 24, "how many images")}),
+    },
+)

@@ -1,0 +1,136 @@
+"""Task cnn: the course's architecture, and train -> eval -> predict -> views through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlcli.tasks import cnn
+
+CLASSES = ("cross", "ring", "stripes")
+
+
+def pattern(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A noisy RGB picture whose shape and colour depend on the class."""
+    img = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size // 2 + rng.integers(-2, 3)
+    if label == 0:
+        mask = (abs(yy - c) < 3) | (abs(xx - c) < 3)
+    elif label == 1:
+        mask = abs(np.hypot(yy - c, xx - c) - size / 4) < 2.5
+    else:
+        mask = (xx // 4) % 2 == 0
+    img[mask] = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220]])[label]
+    return img
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """tmp/train/<class>/*.png and tmp/test/<class>/*.png: 3 classes, 12 + 4 images each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(pattern(label, rng)).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+def test_course_model_has_the_courses_parameter_count():
+    assert cnn.course_model().count_params() == 1_084_234
+
+
+def test_default_model_augments_only_in_training():
+    model = cnn.default_model(10, width=8)
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 32, 32, 3)).astype("float32")
+    augment = model.get_layer("shift")
+    np.testing.assert_array_equal(np.asarray(augment(x, training=False)), x)
+    assert not np.allclose(np.asarray(augment(x, training=True)), x)
+
+
+def test_one_cycle_rises_then_falls_and_course_decays():
+    cfg = {**cnn.DEFAULTS, "epochs": 10, "lr": 0.1}
+    rates = [cnn.one_cycle(cfg, e) for e in range(10)]
+    peak = int(np.argmax(rates))
+    assert rates[peak] == pytest.approx(0.1) and 0 < peak < 9
+    assert rates[0] < rates[peak] and rates[-1] == pytest.approx(0.001)
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:]))
+    course = cnn.schedule({**cfg, "model": "course", "lr": 5e-3})
+    assert course.schedule(2) == pytest.approx(5e-3 * 0.81)
+
+
+def test_to_input_resizes_any_image_and_scales_like_the_course():
+    x = cnn.to_input(np.full((50, 70, 3), 255, np.uint8))
+    assert x.shape == (32, 32, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x, 0.5, atol=1e-6)
+    np.testing.assert_allclose(cnn.scale(np.zeros((1,), np.uint8)), [-0.5])
+
+
+def test_train_eval_predict_and_every_view(cli, root, folder, tmp_path):
+    dataset = f"folder:{folder}"
+    out = cli.json("train", "cnn", "--dataset", dataset, "--epochs", "1", "--batch-size", "8",
+                   "--width", "8", "--val-size", "6", "--run", "r1")
+    run = Path(out["run"])
+    metrics = out["metrics"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_loss"])
+    assert json.loads((run / "classes.json").read_text()) == list(CLASSES)
+    assert (run / "model.keras").exists() and (run / "metrics.json").exists()
+
+    evaluated = cli.json("eval", "cnn", "--run", "r1")["metrics"]
+    assert evaluated["test_examples"] == 12
+    assert evaluated["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+    from PIL import Image
+
+    photo = tmp_path / "big.jpg"  # any size: resized to 32x32
+    Image.fromarray(np.kron(pattern(1, np.random.default_rng(5)), np.ones((3, 2, 1), np.uint8))).save(photo)
+    rows = cli.json("predict", "cnn", str(photo), "--top-k", "3", "--run", "r1")
+    assert len(rows) == 1 and rows[0]["input"] == str(photo)
+    top = rows[0]["top"]
+    assert [t["class"] for t in top][0] == rows[0]["class"] and {t["class"] for t in top} == set(CLASSES)
+    assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-3)
+
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("not a picture")
+    bad = cli("predict", "cnn", str(photo), str(not_image), "--run", "r1", expect=2)
+    assert "notes.txt" in bad.stderr and "big.jpg" in bad.stdout
+
+    view_options = {"cnn-stimuli": ["--filters", "0,2", "--class-steps", "5", "--filter-steps", "3"],
+                    "cnn-samples": ["--n", "6"]}
+    for view in ("cnn-filters", "cnn-stimuli", "cnn-confusion", "cnn-samples"):
+        shown = cli.json("visualize", view, "--run", "r1", *view_options.get(view, []))
+        path = Path(shown["path"])
+        assert path == run / "views" / f"{view}.png" and path.stat().st_size > 1000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    wrong = cli("visualize", "cnn-stimuli", "--run", "r1", "--layer", "nope", expect=2)
+    assert "--layer" in wrong.stderr
+
+
+def test_cnn_refuses_other_data_kinds(cli, tmp_path):
+    result = cli("train", "cnn", "--dataset", "text:" + str(tmp_path), "--epochs", "1", expect=2)
+    assert "folder:PATH" in result.stderr
+
+
+def test_default_dataset_fails_fast_offline(cli):
+    result = cli("train", "cnn", "--epochs", "1", expect=1)
+    assert "cifar10" in result.stderr and "network" in result.stderr
+
+
+@pytest.mark.slow
+def test_course_model_learns_real_cifar10(cli):
+    """One epoch of the course recipe on the shared CIFAR-10 folder is far above chance."""
+    shared = os.environ.get("DLCLI_SHARED_DATA")
+    if not shared or not (Path(shared) / "cifar10").is_dir():
+        pytest.skip("set DLCLI_SHARED_DATA to the folder holding cifar10/train and cifar10/test")
+    out = cli.json("train", "cnn", "--dataset", f"folder:{Path(shared) / 'cifar10'}", "--model", "course",
+                   "--epochs", "1", "--batch-size", "32", "--lr", "5e-3")
+    assert out["metrics"]["test_accuracy"] > 0.45
