@@ -289,16 +289,25 @@ def fit(
                     restore_seed_states(model, states or [])
                     data = data.skip(watcher.skipped)
                 steps = steps_per_epoch - watcher.skipped if steps_per_epoch else None
-                result = model.fit(
-                    data,
-                    validation_data=val_data,
-                    initial_epoch=epoch,
-                    epochs=epoch + 1,
-                    steps_per_epoch=steps,
-                    callbacks=[watcher.callback, tensorboard, *callbacks],
-                    shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
-                    verbose=0,
-                )
+                try:
+                    result = model.fit(
+                        data,
+                        validation_data=val_data,
+                        initial_epoch=epoch,
+                        epochs=epoch + 1,
+                        steps_per_epoch=steps,
+                        callbacks=[watcher.callback, tensorboard, *callbacks],
+                        shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
+                        verbose=0,
+                    )
+                except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError) as exc:
+                    if not isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                        raise
+                    raise RunError(
+                        f"a worker of the cluster stopped answering in epoch {epoch + 1} "
+                        f"({str(exc.message).split(':')[-1].strip() or type(exc).__name__}); the last checkpoint is "
+                        f"{(ctx.resume_from or run).latest_backup()}; start every worker again with --resume"
+                    ) from None
                 if watcher.bad_loss_at is not None:
                     bad_epoch, step = watcher.bad_loss_at
                     kept = run.latest_backup()

@@ -182,3 +182,34 @@ def test_two_workers_train_mnist_together(tmp_path, root):
         ".lock", "backup", "classes.json", "config.yaml", "history.csv", "logs", "metrics.json", "model.keras"]
     result = CliRunner().invoke(app, ["eval", "mnist", "--run", "mw", "--checkpoint-dir", str(root), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["metrics"]["test_examples"] == 20
+
+
+def test_a_dead_worker_fails_the_run_clearly_and_resume_recovers_it(tmp_path, root):
+    x, y = digit_images(200, seed=1)  # enough steps (batch 8) that the kill lands mid-run
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+
+    def start(index, *extra):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                      "task": {"type": "worker", "index": index}})}
+        return subprocess.Popen(
+            [sys.executable, "-m", "dlcli", "train", "mnist", "--dataset", f"npz:{data}", "--epochs", "4",
+             "--batch-size", "8", "--set", "val_size=20", "--set", "strategy=multi-worker", "--run", "mw",
+             "--checkpoint-dir", str(root), "--quiet", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    chief, other = start(0), start(1)
+    _wait_for("mnist/mw/backup/epoch-0001/state.json", root, chief, timeout=300)
+    other.kill()
+    other.wait()
+    _, err = chief.communicate(timeout=300)
+    assert chief.returncode == 1
+    assert "a worker of the cluster stopped answering" in err and "--resume" in err
+    assert "Traceback" not in err
+    chief, other = start(0, "--resume"), start(1, "--resume")
+    for proc in (chief, other):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    history = (root / "mnist" / "mw" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 4 and (root / "mnist" / "mw" / "metrics.json").exists()
