@@ -56,3 +56,24 @@ def read_many(paths: Iterable[str], read: Callable[[str], np.ndarray]) -> tuple[
             else:
                 failures.append({"input": str(path), "error": error})
     return good, arrays, failures
+
+
+def ranked_rows(paths: list[str], probs: np.ndarray, classes: list[str], k: int, key: str = "class") -> list[dict]:
+    """One row per image: its best class and probability, and the k best where k > 1."""
+    k = max(1, min(k, len(classes)))
+    rows = []
+    for path, p in zip(paths, probs):
+        top = np.argsort(p)[::-1][:k]
+        ranked = [{key: classes[i], "probability": round(float(p[i]), 4)} for i in top]
+        row = {"input": path, **ranked[0]}
+        if k > 1:
+            row["top"] = ranked
+            row["text"] = ", ".join(f"{r[key]} {r['probability']:.3f}" for r in ranked)
+        rows.append(row)
+    return rows
+
+
+def in_input_order(inputs: Iterable[str], rows: list[dict]) -> list[dict]:
+    """Results and failure rows back in the order the user gave the inputs."""
+    order = {path: i for i, path in enumerate(map(str, inputs))}
+    return sorted(rows, key=lambda r: order.get(r["input"], 0))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from dlcli.errors import UsageError
 
 # In the order `dlcli tasks` lists them. Later issues add their modules here.
-TASK_NAMES = ("linear", "mnist", "cnn", "finetune", "names", "caption")
+TASK_NAMES = ("linear", "mnist", "cnn", "finetune", "autoencoder", "gan", "names", "caption")
 
 
 @dataclass

@@ -46,7 +46,7 @@ from dlcli import backbones
 from dlcli import data as data_lib
 from dlcli import training
 from dlcli.errors import UsageError
-from dlcli.images import read_image, read_many
+from dlcli.images import in_input_order, read_image, read_many
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write, atomic_write_json
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -522,8 +522,7 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
             for s in range(0, len(images), 32)])
         captions = _decode(ctx, Decoder(model, vocab, ctx.cfg["max_caption_tokens"]), vectors)
         rows = [{"input": p, "caption": " ".join(c), "text": " ".join(c)} for p, c in zip(good, captions)]
-    order = {p: i for i, p in enumerate(map(str, inputs))}
-    return sorted(rows + failures, key=lambda r: order.get(r["input"], 0))
+    return in_input_order(inputs, rows + failures)
 
 
 # -- views ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from dlcli import backbones
 from dlcli import data as data_lib
 from dlcli import training
 from dlcli.errors import UsageError
-from dlcli.images import read_image, read_many
+from dlcli.images import in_input_order, ranked_rows, read_image, read_many
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -264,17 +264,10 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     classes = _classes(ctx)
     good, images, failures = read_many(inputs, lambda p: read_image(p, mode="RGB"))
     rows = []
-    k = max(1, min(ctx.options["top_k"], len(classes)))
     for start in range(0, len(images), 64):
         chunk = backbones.prepare_numpy(cfg["backbone"], images[start:start + 64], cfg["image_size"])
-        probs = model.predict(chunk, verbose=0)
-        for path, p in zip(good[start:start + 64], probs):
-            top = np.argsort(p)[::-1][:k]
-            ranked = [{"class": classes[i], "probability": round(float(p[i]), 4)} for i in top]
-            rows.append({"input": path, "class": ranked[0]["class"], "probability": ranked[0]["probability"],
-                         "top": ranked, "text": ", ".join(f"{r['class']} {r['probability']:.3f}" for r in ranked)})
-    order = {p: i for i, p in enumerate(map(str, inputs))}
-    return sorted(rows + failures, key=lambda r: order.get(r["input"], 0))
+        rows += ranked_rows(good[start:start + 64], model.predict(chunk, verbose=0), classes, ctx.options["top_k"])
+    return in_input_order(inputs, rows + failures)
 
 
 # -- views --------------------------------------------------------------------------------

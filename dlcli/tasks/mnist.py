@@ -20,7 +20,7 @@ import numpy as np
 from dlcli import data as data_lib
 from dlcli import training
 from dlcli.errors import UsageError
-from dlcli.images import read_image, read_many
+from dlcli.images import in_input_order, ranked_rows, read_image, read_many
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -212,13 +212,8 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     rows = []
     if images:
         probs = model.predict(np.stack(images), batch_size=256, verbose=0)
-        k = ctx.options["top_k"]
-        for path, p in zip(good, probs):
-            top = np.argsort(p)[::-1][:k]
-            rows.append({"input": path, "digit": classes[top[0]], "probability": round(float(p[top[0]]), 4),
-                         **({"top": [{"digit": classes[i], "probability": round(float(p[i]), 4)} for i in top]} if k > 1 else {})})
-    order = {p: i for i, p in enumerate(map(str, inputs))}
-    return sorted(rows + failures, key=lambda r: order.get(r["input"], 0))
+        rows = ranked_rows(good, probs, classes, ctx.options["top_k"], key="digit")
+    return in_input_order(inputs, rows + failures)
 
 
 # -- views --------------------------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""Task autoencoder on tiny generated faces: data, models, train/eval, predict modes, views.
+
+The real-data test (`-m slow`) reads DLCLI_SHARED_DATA (the folder holding `lfw/`).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from dlcli import faces
+from dlcli.errors import UsageError
+from dlcli.tasks import autoencoder
+from tests.conftest import Cli
+
+FAST = ["--epochs", "2", "--batch-size", "16", "--set", "val_fraction=0.25", "--quiet"]
+
+
+def draw_face(rng: np.random.Generator, size: int = 128) -> Image.Image:
+    """A face-like picture: an oval of skin on a plain background, two eyes and a mouth."""
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    cx, cy = (size // 2 + rng.integers(-4, 5, 2)).tolist()
+    r = int(rng.integers(size // 4, size // 3))
+    draw.ellipse([cx - r, cy - 1.2 * r, cx + r, cy + 1.2 * r],
+                 fill=(int(rng.integers(150, 240)), int(rng.integers(100, 180)), int(rng.integers(60, 120))))
+    for dx in (-r // 2.5, r // 2.5):
+        draw.ellipse([cx + dx - 5, cy - 14, cx + dx + 5, cy - 4], fill=(30, 30, 30))
+    draw.rectangle([cx - r // 3, cy + r // 2.6, cx + r // 3, cy + r // 2.6 + 4], fill=(120, 30, 30))
+    return img
+
+
+def make_faces(folder: Path, n: int, seed: int = 0) -> Path:
+    """n face-like JPEGs in per-person sub-folders, like the LFW layout."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        person = folder / f"Person_{i % 4}"
+        person.mkdir(parents=True, exist_ok=True)
+        draw_face(rng).save(person / f"Person_{i % 4}_{i:04d}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def face_dir(tmp_path_factory) -> Path:
+    return make_faces(tmp_path_factory.mktemp("faces"), 48)
+
+
+@pytest.fixture(scope="module")
+def trained_cli(tmp_path_factory, face_dir):
+    """One tiny trained run shared by the module's tests (training is the slow part)."""
+    cli = Cli(tmp_path_factory.mktemp("runs"))
+    metrics = cli.json("train", "autoencoder", "--dataset", f"folder:{face_dir}", "--run", "tiny", *FAST)
+    return cli, metrics
+
+
+@pytest.fixture
+def trained(trained_cli, monkeypatch):
+    monkeypatch.setenv("DLCLI_NETWORK_PROBE", "127.0.0.1:9")
+    return trained_cli[1]
+
+
+@pytest.fixture
+def cli(trained_cli):
+    return trained_cli[0]
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def test_preprocess_takes_the_central_crop_then_resizes():
+    img = np.zeros((128, 128, 3), np.uint8)
+    img[19:109, 19:109] = 200  # the central 90x90, the course's crop
+    out = faces.preprocess(img, crop=90, size=32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert out.min() >= 190  # nothing of the border survives the crop
+    whole = faces.preprocess(img, crop=0, size=32)
+    assert whole[0, 0, 0] < 10 and whole[16, 16, 0] > 190
+    small = faces.preprocess(np.full((40, 60, 3), 7, np.uint8), crop=90, size=32)  # smaller than the crop
+    assert small.shape == (32, 32, 3)
+
+
+def test_split_is_seeded_disjoint_and_saved(face_dir, tmp_path):
+    ids = [f"f{i}" for i in range(100)]
+    train_a, val_a = faces.split_ids(ids, 0.1, seed=3)
+    train_b, val_b = faces.split_ids(ids, 0.1, seed=3)
+    assert (val_a == val_b).all() and len(val_a) == 10 and not set(train_a) & set(val_a)
+    assert not (faces.split_ids(ids, 0.1, seed=4)[1] == val_a).all()
+
+    class FakeRun:
+        path = staticmethod(lambda name: tmp_path / name)
+
+    cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{face_dir}"}
+    first = faces.load_split(cfg, FakeRun)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert saved["val"] == first["val_ids"] and len(saved["train"]) + len(saved["val"]) == 48
+    again = faces.load_split({**cfg, "seed": 99}, FakeRun)  # a different seed, but the run's split wins
+    assert again["val_ids"] == first["val_ids"] and (again["x_val"] == first["x_val"]).all()
+
+
+def test_dataset_errors_are_usage_errors(tmp_path):
+    cfg = {**autoencoder.DEFAULTS}
+    with pytest.raises(UsageError, match="does not exist"):
+        faces.load_faces({**cfg, "dataset": f"folder:{tmp_path / 'missing'}"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no images"):
+        faces.load_faces({**cfg, "dataset": f"folder:{tmp_path / 'empty'}"})
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def test_models_have_a_code_of_the_configured_size():
+    cfg = dict(autoencoder.DEFAULTS)
+    pca = autoencoder.build_model({**cfg, "model": "pca"})
+    assert pca.name == "autoencoder_pca" and pca.output_shape == (None, 32, 32, 3)
+    assert pca.count_params() == (3072 * 32 + 32) + (32 * 3072 + 3072)  # two linear maps, nothing else
+    deep = autoencoder.build_model({**cfg, "model": "deep", "code": 16, "noise": 0.1})
+    encoder, decoder = autoencoder.parts(deep)
+    assert encoder.output_shape == (None, 16) and decoder.output_shape == (None, 32, 32, 3)
+    assert deep.get_layer("noise").stddev == 0.1  # the denoising mode
+    with pytest.raises(UsageError, match="divide by 16"):
+        autoencoder.build_model({**cfg, "image_size": 36})
+
+
+def test_morph_and_nearest():
+    a, b = np.zeros(4, np.float32), np.ones(4, np.float32)
+    line = autoencoder.morph_codes(a, b, 5)
+    assert line.shape == (5, 4) and (line[0] == a).all() and (line[-1] == b).all()
+    assert np.allclose(line[2], 0.5)
+    found, dist = autoencoder.nearest(np.array([[0, 0], [3, 4], [1, 0]], np.float32), np.array([0, 0], np.float32), 2)
+    assert found.tolist() == [0, 2] and dist.tolist() == [0.0, 1.0]
+
+
+# -- end to end -----------------------------------------------------------------------------
+
+
+def test_train_eval_and_the_run_files(trained, cli):
+    run_dir = cli.root / "autoencoder" / "tiny"
+    for name in ("config.yaml", "model.keras", "history.csv", "metrics.json", "split.json"):
+        assert (run_dir / name).exists(), name
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 2
+    metrics = cli.json("eval", "autoencoder")["metrics"]
+    assert metrics["val_faces"] == 12
+    assert metrics["val_mse"] == pytest.approx(trained["metrics"]["val_mse"], rel=1e-4)
+
+
+def test_predict_reconstruction_similar_and_morph(trained, cli, face_dir, tmp_path):
+    a, b = sorted(face_dir.rglob("*.jpg"))[:2]
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    result = cli("predict", "autoencoder", a, b, bad, "--out", out, "--json", expect=2)
+    rows = json.loads(result.stdout)
+    assert [r["input"] for r in rows] == [str(a), str(b), str(bad)]
+    for row in rows[:2]:
+        with Image.open(row["path"]) as img:
+            assert img.size == (32 * autoencoder.PNG_SCALE,) * 2
+    assert "not an image" in rows[2]["error"] and "1 of 3 inputs failed" in result.stderr
+
+    rows = cli.json("predict", "autoencoder", a, "--similar", "3", "--index", face_dir, "--out", out)
+    assert [n["image"] for n in rows[0]["similar"]][0] == str(a)  # a face is its own nearest neighbour
+    assert rows[0]["similar"][0]["distance"] == 0 and len(rows[0]["similar"]) == 3
+    cache = list((cli.root / "autoencoder" / "tiny" / "index").glob("*.npz"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    again = cli.json("predict", "autoencoder", b, "--similar", "2", "--index", face_dir, "--out", out)
+    assert cache[0].stat().st_mtime_ns == stamp and len(again[0]["similar"]) == 2  # the cached index is reused
+
+    rows = cli.json("predict", "autoencoder", "--morph", a, b, "--steps", "7", "--out", out)
+    with Image.open(rows[0]["path"]) as strip:
+        assert strip.size == ((7 * 32 + 6) * autoencoder.PNG_SCALE, 32 * autoencoder.PNG_SCALE)
+
+
+def test_predict_bad_usage_is_one_line_exit_2(trained, cli, face_dir, tmp_path):
+    a = next(face_dir.rglob("*.jpg"))
+    result = cli("predict", "autoencoder", a, "--similar", "3", "--index", tmp_path / "nowhere", expect=2)
+    assert "--index" in result.stderr and "no such folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = cli("predict", "autoencoder", a, "--similar", "3", expect=2)
+    assert "needs --index" in result.stderr
+
+
+def test_views(trained, cli):
+    for view in ("autoencoder-reconstructions", "autoencoder-similar", "autoencoder-morph"):
+        with open(cli.json("visualize", view)["path"], "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", view
+
+
+@pytest.mark.slow
+def test_both_models_learn_real_faces(tmp_path):
+    """A short run on 3,000 real faces: each model must do far better than the mean face."""
+    shared = os.environ.get("DLCLI_SHARED_DATA")
+    if not shared or not (Path(shared) / "lfw").is_dir():
+        pytest.skip("set DLCLI_SHARED_DATA to the folder holding lfw/")
+    cli = Cli(tmp_path / "runs")
+    data = ["--dataset", f"folder:{Path(shared) / 'lfw'}", "--set", "limit=3000", "--epochs", "3", "--quiet"]
+    for model in ("deep", "pca"):
+        cli.json("train", "autoencoder", *data, "--model", model, "--run", model)
+        metrics = cli.json("eval", "autoencoder", "--run", model)["metrics"]
+        assert metrics["val_mse"] < 0.4 * metrics["mean_face_mse"], model

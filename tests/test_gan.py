@@ -1,0 +1,140 @@
+"""Task gan on tiny generated faces: MMD, train/eval, same seed same faces, views, resume."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dlcli import faces
+from dlcli.tasks import gan
+from tests.conftest import Cli
+from tests.test_autoencoder import draw_face, make_faces
+
+FAST = ["--batch-size", "16", "--set", "val_fraction=0.25", "--set", "code_size=32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def face_dir(tmp_path_factory) -> Path:
+    return make_faces(tmp_path_factory.mktemp("faces"), 48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained_cli(tmp_path_factory, face_dir):
+    """A 2-epoch run trained straight through, and the same run killed after epoch 1 and resumed."""
+    cli = Cli(tmp_path_factory.mktemp("runs"))
+    data = ["--dataset", f"folder:{face_dir}", *FAST]
+    straight = cli.json("train", "gan", *data, "--epochs", "2", "--run", "straight")
+    cli.json("train", "gan", *data, "--epochs", "1", "--run", "resumed")
+    resumed = cli.json("train", "gan", *data, "--epochs", "2", "--run", "resumed", "--resume")
+    return cli, straight, resumed
+
+
+@pytest.fixture
+def cli(trained_cli):
+    return trained_cli[0]
+
+
+def face_pixels(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([faces.preprocess(np.asarray(draw_face(rng)), 90, 36) for _ in range(n)]).astype(np.float32) / 255
+
+
+def test_mmd_tells_faces_from_noise():
+    fmap = gan.fit_features(face_pixels(120, seed=0), dims=16)
+    a, b = gan.features(face_pixels(60, seed=1), fmap), gan.features(face_pixels(60, seed=2), fmap)
+    noise = gan.features(np.random.default_rng(3).uniform(0, 1, (60, 36, 36, 3)), fmap)
+    sigma = float(fmap["sigma"])
+    real_real, real_noise = gan.mmd2(a, b, sigma), gan.mmd2(a, noise, sigma)
+    assert abs(real_real) < 0.05 < real_noise
+    assert gan.mmd2(a, a + 0.5 * sigma, sigma) > real_real  # a shifted copy is measurably different
+
+
+def test_models_have_the_course_shapes():
+    cfg = {**gan.DEFAULTS, "seed": 0}
+    generator, discriminator = gan.build_generator(cfg), gan.build_discriminator(cfg)
+    assert generator.input_shape == (None, 256) and generator.output_shape == (None, 36, 36, 3)
+    assert discriminator.output_shape == (None, 1)
+    assert generator.name.startswith("gan_") and discriminator.name.startswith("gan_")
+
+
+def test_train_writes_history_with_mmd_and_progress(trained_cli):
+    cli, straight, _ = trained_cli
+    run_dir = cli.root / "gan" / "straight"
+    for name in ("generator.keras", "discriminator.keras", "split.json", "mmd_features.npz", "metrics.json"):
+        assert (run_dir / name).exists(), name
+    with open(run_dir / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and {"mmd", "mmd_real", "mmd_noise", "d_loss", "d_real", "d_fake"} <= set(rows[0])
+    assert float(rows[0]["mmd_real"]) < float(rows[0]["mmd_noise"])  # the references are ordered
+    assert np.load(run_dir / "progress.npy").shape == (2, gan.PROGRESS_ROW, 36, 36, 3)
+    steps = 36 // 16  # 36 training faces, whole batches of 16
+    assert straight["metrics"]["iterations"] == 2 * steps
+    metrics = cli.json("eval", "gan", "--run", "straight")["metrics"]
+    assert metrics["mmd"] == pytest.approx(straight["metrics"]["mmd"], rel=1e-4)
+    assert metrics["held_out_faces"] == 12
+
+
+def test_resume_restores_both_optimizers(trained_cli):
+    cli, straight, resumed = trained_cli
+    assert resumed["metrics"] == straight["metrics"]  # same losses and MMD to the last digit
+    runs = cli.root / "gan"
+    assert (runs / "resumed" / "history.csv").read_text() == (runs / "straight" / "history.csv").read_text()
+    cfg = {**gan.DEFAULTS, "code_size": 32, "seed": 42}
+    a = gan.new_gan(cfg, runs / "straight" / "backup" / "epoch-0002")
+    b = gan.new_gan(cfg, runs / "resumed" / "backup" / "epoch-0002")
+    steps = 36 // 16
+    for opt_a, opt_b, iterations in ((a.g_optimizer, b.g_optimizer, 2 * steps),
+                                     (a.d_optimizer, b.d_optimizer, 2 * steps * cfg["d_steps"])):
+        assert int(opt_a.iterations.numpy()) == int(opt_b.iterations.numpy()) == iterations
+        assert len(opt_a.variables) > 1
+        for va, vb in zip(opt_a.variables, opt_b.variables):
+            np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    # and the state really comes from the file: a fresh GAN has zero iterations and zero moments
+    fresh = gan.new_gan(cfg)
+    assert int(fresh.d_optimizer.iterations.numpy()) == 0
+    moments = [v for v in a.d_optimizer.variables if v.path.endswith(("_momentum", "_velocity"))]
+    assert moments and all(np.abs(v.numpy()).sum() > 0 for v in moments)
+    assert all(np.abs(v.numpy()).sum() == 0 for v in fresh.d_optimizer.variables if v.path.endswith("_momentum"))
+
+
+def test_predict_same_seed_same_faces(trained_cli, tmp_path):
+    cli = trained_cli[0]
+    first = cli.json("predict", "gan", "--run", "straight", "--n", "6", "--seed", "1", "--out", tmp_path / "a")
+    again = cli.json("predict", "gan", "--run", "straight", "--n", "6", "--seed", "1", "--out", tmp_path / "b")
+    other = cli.json("predict", "gan", "--run", "straight", "--n", "6", "--seed", "2", "--out", tmp_path / "c")
+    assert len(first) == 7 and first[-1]["path"].endswith("grid-1.png")  # 6 faces and one grid
+
+    def pixels(rows):
+        return np.stack([np.asarray(Image.open(r["path"])) for r in rows[:-1]])
+
+    assert pixels(first).shape == (6, 36, 36, 3)
+    assert (pixels(first) == pixels(again)).all()
+    assert not (pixels(first) == pixels(other)).all()
+    result = cli("predict", "gan", "--run", "straight", "face.jpg", expect=2)
+    assert "takes no input files" in result.stderr
+
+
+def test_views(trained_cli):
+    cli = trained_cli[0]
+    for view in ("gan-samples", "gan-progress", "gan-discriminator"):
+        with open(cli.json("visualize", view, "--run", "straight")["path"], "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", view
+
+
+@pytest.mark.slow
+def test_mmd_falls_on_real_faces(tmp_path):
+    shared = os.environ.get("DLCLI_SHARED_DATA")
+    if not shared or not (Path(shared) / "lfw").is_dir():
+        pytest.skip("set DLCLI_SHARED_DATA to the folder holding lfw/")
+    cli = Cli(tmp_path / "runs")
+    out = cli.json("train", "gan", "--dataset", f"folder:{Path(shared) / 'lfw'}", "--set", "limit=3000",
+                   "--epochs", "3", "--quiet")
+    with open(Path(out["run"]) / "history.csv", newline="") as fh:
+        history = list(csv.DictReader(fh))
+    mmd = [float(r["mmd"]) for r in history]
+    assert min(mmd[1:]) < mmd[0] and mmd[-1] < float(history[-1]["mmd_noise"])
+    assert json.loads((Path(out["run"]) / "metrics.json").read_text())["mmd"] == pytest.approx(mmd[-1])
