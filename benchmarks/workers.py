@@ -26,7 +26,6 @@ import_tensorflow_quietly()
 
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from dlcli import config as config_lib  # noqa: E402
 from dlcli.tasks import get_task  # noqa: E402

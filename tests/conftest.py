@@ -7,7 +7,6 @@ port, so tensorflow-datasets code paths fail fast the way they do offline.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """Config resolution: precedence, validation and the --print-config / --set flags."""
 
-import math
 
 import pytest
 import yaml

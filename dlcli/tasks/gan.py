@@ -24,13 +24,13 @@ faces: what a perfect generator would score) and `mmd_noise` (uniform noise imag
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dlcli import faces, training
 from dlcli.errors import RunError, UsageError
+from dlcli.interrupts import Interrupted, StopOnSignal
 from dlcli.lazy import lazy_import
 from dlcli.runs import link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -299,6 +299,8 @@ def train(ctx: Context) -> dict:
     cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
     if cfg["d_steps"] < 1:
         raise UsageError(f"d_steps must be >= 1, got {cfg['d_steps']}")
+    if cfg["strategy"] != "default":
+        raise UsageError("the gan task trains on one machine only: drop --set strategy")
     training.set_seed(cfg["seed"])
     split = faces.load_split(cfg, run)
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
@@ -317,7 +319,7 @@ def train(ctx: Context) -> dict:
     backup = run.latest_backup() if ctx.resume else None
     history, start = [], 0
     if backup is not None:
-        state = json.loads((backup / "state.json").read_text())
+        state = run.read_backup_state(backup)
         start, history = state["epochs_done"], state["history"]
         reporter.info(f"resuming {run.dir} after epoch {start}")
     if start >= cfg["epochs"]:
@@ -328,27 +330,31 @@ def train(ctx: Context) -> dict:
     progress = list(np.load(progress_path)[:start]) if start and progress_path.exists() else []
     watcher = _reporter_callback(reporter, steps)
     reporter.start(cfg["epochs"], initial_epoch=start)
-    try:
-        for epoch in range(start, cfg["epochs"]):
-            training.reseed_model(gan, cfg["seed"], epoch)
-            result = gan.fit(train_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
-                             callbacks=[watcher], shuffle=False, verbose=0)
-            logs = {k: float(v[-1]) for k, v in result.history.items()}
-            if not all(np.isfinite(list(logs.values()))):
-                raise RunError(f"the GAN's losses became NaN or infinite at epoch {epoch + 1} (try a lower --lr)")
-            logs.update(quality(gan.generator))
-            history.append({"epoch": epoch + 1, **logs})
-            progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
-            _save_npy(progress_path, np.stack(progress))  # rows beyond the last backup are cut on resume
-            run.save_backup(epoch + 1, history, {
-                GENERATOR_FILE: gan.generator.save,
-                DISCRIMINATOR_FILE: gan.discriminator.save,
-                OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path),
-            })
-            run.write_history(history)
-            reporter.end_epoch(epoch, logs)
-    finally:
-        reporter.finish()
+    with StopOnSignal() as stop:
+        try:
+            for epoch in range(start, cfg["epochs"]):
+                training.reseed_model(gan, cfg["seed"], epoch)
+                result = gan.fit(train_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
+                                 callbacks=[watcher], shuffle=False, verbose=0)
+                logs = {k: float(v[-1]) for k, v in result.history.items()}
+                if not all(np.isfinite(list(logs.values()))):
+                    raise RunError(f"the GAN's losses became NaN or infinite at epoch {epoch + 1} (try a lower --lr)")
+                logs.update(quality(gan.generator))
+                history.append({"epoch": epoch + 1, **logs})
+                progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
+                _save_npy(progress_path, np.stack(progress))  # rows beyond the last backup are cut on resume
+                run.save_backup(epoch + 1, history, {
+                    GENERATOR_FILE: gan.generator.save,
+                    DISCRIMINATOR_FILE: gan.discriminator.save,
+                    OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path),
+                })
+                run.write_history(history)
+                reporter.end_epoch(epoch, logs)
+                if stop.requested:
+                    raise Interrupted(stop.signal_name, f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
+                                      f"continue with `dlcli train gan --run {run.name} --resume`")
+        finally:
+            reporter.finish()
     last = run.latest_backup()
     for name in (GENERATOR_FILE, DISCRIMINATOR_FILE):
         link_or_copy(last / name, run.path(name))
