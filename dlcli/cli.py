@@ -193,10 +193,14 @@ def _run_config(task_name: str, run: Run, overrides: dict) -> dict:
 @app.command("tasks")
 @handle_errors
 def tasks_command(
+    task_name: Annotated[Optional[str], typer.Argument(help="Show this task's config keys, predict options and views.", show_default=False)] = None,
     root: RootOpt = DEFAULT_ROOT,
     json_mode: JsonOpt = False,
 ) -> None:
     """List every task with its default data set, its views and its newest trained run."""
+    if task_name:
+        _describe_task(task_name, json_mode)
+        return
     rows = []
     for name in TASK_NAMES:
         task = get_task(name)
@@ -223,7 +227,43 @@ def tasks_command(
         )
     console = Console()
     console.print(table)
-    console.print("Any task's run also has the view [bold]training-curves[/].")
+    console.print("Any task's run also has the view [bold]training-curves[/]. "
+                  "`dlcli tasks TASK` shows a task's config keys and options.")
+
+
+def _describe_task(task_name: str, json_mode: bool) -> None:
+    """One task's config keys with defaults and allowed values, predict options and views."""
+    task = get_task(task_name)
+
+    def option_rows(options: dict) -> list[dict]:
+        return [{"option": "--" + k.replace("_", "-"), "default": o.default, "help": o.help} for k, o in options.items()]
+
+    info = {
+        "task": task_name,
+        "summary": task.summary,
+        "config": task.defaults,
+        "choices": task.choices,
+        "predict_options": option_rows(task.predict_options),
+        "views": {name: {"help": v.help, "options": option_rows(v.options)} for name, v in task.views.items()},
+    }
+    if json_mode:
+        _emit_json(info)
+        return
+    console = Console(highlight=False)
+    console.print(f"[bold]{task_name}[/]: {task.summary}\n")
+    console.print("config keys (`--set KEY=VALUE`; top-level keys also as `--KEY VALUE`):")
+    console.print(config_lib.to_yaml(task.defaults).rstrip(), markup=False)
+    for key, allowed in task.choices.items():
+        console.print(f"  {key}: one of {', '.join(map(str, allowed))}", markup=False)
+    if task.predict_options:
+        console.print(f"\n`dlcli predict {task_name}` options:")
+        for row in info["predict_options"]:
+            console.print(f"  {row['option']} (default {row['default']}): {row['help']}", markup=False)
+    console.print("\nviews (`dlcli visualize VIEW`):")
+    for name, view in task.views.items():
+        console.print(f"  {name}: {view.help}", markup=False)
+        for row in option_rows(view.options):
+            console.print(f"      {row['option']} (default {row['default']}): {row['help']}", markup=False)
 
 
 @app.command("train", context_settings=EXTRA_ARGS)
@@ -249,7 +289,8 @@ def train_command(
     """Train a task's model and save the run under checkpoints/TASK/RUN/.
 
     Config precedence: task defaults < --config FILE < --set KEY=VALUE < flags. Any
-    top-level config key is also a flag: `dlcli train mnist --model cnn`.
+    top-level config key is also a flag: `dlcli train mnist --model cnn`; `dlcli tasks TASK`
+    lists a task's keys.
     """
     task = get_task(task_name)
     flags = {
@@ -344,7 +385,7 @@ def predict_command(
 ) -> None:
     """Use a trained model on new inputs: `dlcli predict mnist digit.png more.png`.
 
-    Task options (for example `--top-k 3`) come after the task; `dlcli tasks` lists the tasks.
+    Task options (for example `--top-k 3`) come after the task; `dlcli tasks TASK` lists them.
     Files that cannot be read are reported by name; the others are still predicted.
     """
     task = get_task(task_name)
@@ -386,7 +427,10 @@ def visualize_command(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Draw a picture from a trained run and print the PNG's path."""
+    """Draw a picture from a trained run and print the PNG's path.
+
+    View options (for example `--n 16`) come after the view; `dlcli tasks TASK` lists them.
+    """
     views = all_views()
     if view_name not in views:
         raise UsageError(f"unknown view {view_name!r}; valid views: {', '.join(views)}")

@@ -127,3 +127,12 @@ def test_visualize_out_must_be_png(cli, tmp_path):
     assert "PNG" in result.stderr
     path = cli.json("visualize", "training-curves", "--task", "linear", "--out", tmp_path / "curves.png")["path"]
     assert path.endswith("curves.png") and os.path.getsize(path) > 1000
+
+
+def test_tasks_task_describes_keys_options_and_views(cli):
+    info = cli.json("tasks", "mnist")
+    assert info["config"]["model"] == "mlp" and info["choices"]["model"] == ["softmax", "mlp", "cnn"]
+    assert [o["option"] for o in info["predict_options"]] == ["--top-k"]
+    assert info["views"]["mnist-errors"]["options"][0]["option"] == "--n"
+    result = cli("tasks", "linear")
+    assert "optimizer: adam" in result.stdout and "linear-optimizers" in result.stdout
