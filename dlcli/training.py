@@ -1,11 +1,12 @@
 """The Keras training loop every Keras task shares.
 
 `fit` runs `model.fit` one epoch at a time so that each epoch is a checkpoint: after
-every epoch it writes `backup/epoch-NNNN/` (model with optimizer state, plus the history
-so far) as a temporary directory renamed into place, so a killed process leaves only
-complete checkpoints. `--resume` loads the newest one and carries on. Each epoch's
-shuffle order and dropout noise are derived from (seed, epoch), which is what makes a
-resumed run give the same history as an uninterrupted one, to the last digit.
+every epoch (and every `save_every_steps` steps, and on SIGINT/SIGTERM) it writes a
+checkpoint directory (model with optimizer state, the history so far) under `backup/`,
+renamed into place when complete, so a killed process leaves only complete checkpoints.
+`--resume` loads the newest one and carries on. Each epoch's shuffle order and dropout
+noise are derived from (seed, epoch), which is what makes a resumed run give the same
+history as an uninterrupted one, to the last digit.
 """
 
 from __future__ import annotations
@@ -36,36 +37,28 @@ def keras_defaults() -> dict:
     return {"jit_compile": False, "save_every_steps": 0, "strategy": "default"}
 
 
-STRATEGIES = ("default", "mirrored", "multi-worker")
-
-
-def cluster_task() -> tuple[str, int, int]:
-    """(task type, index, number of workers) from TF_CONFIG; ("chief", 0, 1) without one."""
+def cluster_task() -> tuple[str, int, bool]:
+    """(task type, task index, whether the cluster has a chief) from TF_CONFIG."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        return "chief", 0, 1
+        return "chief", 0, True
     try:
         tf_config = json.loads(raw)
-        cluster, task = tf_config["cluster"], tf_config["task"]
-        size = sum(len(v) for k, v in cluster.items() if k in ("chief", "worker"))
-        return task["type"], int(task["index"]), size
+        task = tf_config["task"]
+        return task["type"], int(task["index"]), "chief" in tf_config["cluster"]
     except (ValueError, KeyError, TypeError):
         raise UsageError("TF_CONFIG is not valid: expected {\"cluster\": {...}, \"task\": {\"type\": ..., \"index\": ...}}") from None
 
 
 def is_chief() -> bool:
     """Only the chief writes checkpoints and logs: the "chief" task, else worker 0."""
-    kind, index, _ = cluster_task()
-    if kind == "chief":
-        return True
-    has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    return kind == "worker" and index == 0 and not has_chief
+    kind, index, has_chief = cluster_task()
+    return kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
 
 
 def make_strategy(name: str):
-    """The tf.distribute strategy for `--set strategy=...`; create it before any other TF work."""
-    if name == "default":
-        return None
+    """The tf.distribute strategy for `--set strategy=...` (validated by the config);
+    create it before any other TensorFlow work, as multi-worker training requires."""
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi-worker":
@@ -73,7 +66,7 @@ def make_strategy(name: str):
             raise UsageError("strategy multi-worker needs TF_CONFIG describing the cluster (see the README)")
         cluster_task()  # validate it
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UsageError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    return None
 
 
 def set_seed(seed: int | None) -> None:
@@ -147,8 +140,8 @@ NAN_CHECK_EVERY = 20
 
 
 class StepWatcher:
-    """Builds the Keras callback that feeds the reporter, checks every step's loss, honours
-    SIGINT/SIGTERM and saves a mid-epoch checkpoint every `save_every` steps."""
+    """Builds the Keras callback that feeds the reporter, checks the loss every few steps,
+    honours SIGINT/SIGTERM and saves a mid-epoch checkpoint every `save_every` steps."""
 
     def __init__(self, reporter, steps: int | None, stop, save_mid_epoch: Callable[[int, int], None], save_every: int = 0):
         watcher = self
