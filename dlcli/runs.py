@@ -201,6 +201,18 @@ class Run:
         except (OSError, ValueError):
             return {}
 
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """A JSON file saved with the run (classes, vocabulary); `default` where it is absent."""
+        path = self.path(name)
+        if not path.exists():
+            if default is not None:
+                return default
+            raise UsageError(f"run {self.dir} has no {name}; was it trained by {self.task}?")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{path} is corrupt (not JSON)") from None
+
     def write_history(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
         buf = io.StringIO()

@@ -409,10 +409,7 @@ class Decoder:
 
 
 def _vocab(ctx: Context) -> list[str]:
-    path = ctx.run.path("vocab.json")
-    if not path.exists():
-        raise UsageError(f"run {ctx.run.dir} has no vocab.json; was it trained by caption?")
-    return json.loads(path.read_text())
+    return ctx.run.read_json("vocab.json")
 
 
 def train(ctx: Context) -> dict:

@@ -16,7 +16,6 @@ The run keeps `classes.json`, so `predict` names classes of any image folder.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -242,8 +241,7 @@ def train(ctx: Context) -> dict:
 
 
 def _classes(ctx: Context) -> list[str]:
-    path = ctx.run.path("classes.json")
-    return json.loads(path.read_text()) if path.exists() else CIFAR10_CLASSES
+    return ctx.run.read_json("classes.json", default=CIFAR10_CLASSES)
 
 
 def _load(ctx: Context):

@@ -32,7 +32,6 @@ which `training-curves` draws as a boundary.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -235,10 +234,7 @@ def train(ctx: Context) -> dict:
 
 
 def _classes(ctx: Context) -> list[str]:
-    path = ctx.run.path("classes.json")
-    if not path.exists():
-        raise UsageError(f"run {ctx.run.dir} has no classes.json; was it trained by finetune?")
-    return json.loads(path.read_text())
+    return ctx.run.read_json("classes.json")
 
 
 def evaluate(ctx: Context) -> dict:

@@ -12,7 +12,6 @@ in 28x28, the way MNIST itself was made.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +150,7 @@ def train(ctx: Context) -> dict:
 
 
 def _classes(ctx: Context) -> list[str]:
-    path = ctx.run.path("classes.json")
-    return json.loads(path.read_text()) if path.exists() else DIGITS
+    return ctx.run.read_json("classes.json", default=DIGITS)
 
 
 def _test_predictions(ctx: Context):
