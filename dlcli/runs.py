@@ -273,16 +273,25 @@ class Run:
                 json.dump(state, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                self._discard(final)
             os.replace(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
-        # Older checkpoints, and temporary ones a killed process left (the lock makes them stale).
-        stale = sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS] + list(self.backup_dir.glob(".epoch-*"))
-        for old in stale:
-            shutil.rmtree(old, ignore_errors=True)
+        for older in sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS]:
+            self._discard(older)
+        # Temporary and half-deleted directories a killed process left (the lock makes them stale).
+        for leftover in self.backup_dir.glob(".*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         return final
+
+    def _discard(self, checkpoint: Path) -> None:
+        """Rename a checkpoint out of sight first, so a crash while deleting it leaves no
+        visible half-deleted directory, only a hidden one that the next save removes."""
+        trash = checkpoint.with_name(f".trash-{checkpoint.name}-{os.getpid()}")
+        os.replace(checkpoint, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def views_path(self, view: str, suffix: str = ".png") -> Path:
         self.views_dir.mkdir(parents=True, exist_ok=True)
