@@ -130,6 +130,14 @@ def image_folder(path: str):
     return tfds.folder_dataset.ImageFolder(str(root))
 
 
+def folder_splits(path: str):
+    """An image folder's builder with its training split and its test split (test, else val)."""
+    builder = image_folder(path)
+    splits = list(builder.info.splits.keys())
+    return (builder, pick_split(splits, ("train",), path),
+            pick_split(splits, ("test", "val", "validation"), path))
+
+
 def pick_split(available, wanted: tuple[str, ...], what: str) -> str:
     for name in wanted:
         if name in available:

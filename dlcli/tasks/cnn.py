@@ -66,10 +66,7 @@ def _source(cfg: dict):
     """(builder, train split, test split, class names) of `--dataset`."""
     kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "folder"))
     if kind == "folder":
-        builder = data_lib.image_folder(value)
-        splits = list(builder.info.splits.keys())
-        train_split = data_lib.pick_split(splits, ("train",), value)
-        test_split = data_lib.pick_split(splits, ("test", "val", "validation"), value)
+        builder, train_split, test_split = data_lib.folder_splits(value)
     else:
         builder = data_lib.tfds_builder(value, cfg["data_dir"])
         train_split, test_split = "train", "test"

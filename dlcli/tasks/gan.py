@@ -276,17 +276,20 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _reporter_callback(reporter, steps: int):
-    """Feed the progress reporter and stop at the first non-finite loss."""
+    """Feed the progress reporter and stop soon after a non-finite loss."""
 
     class ReporterCallback(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             reporter.start_epoch(epoch, steps)
 
         def on_train_batch_end(self, batch, logs=None):
-            logs = {k: float(v) for k, v in (logs or {}).items()}
-            if not all(np.isfinite(list(logs.values()))):
-                self.model.stop_training = True
-            reporter.batch(batch, logs)
+            # Reading a metric waits for the step: only for a live bar or the periodic NaN check,
+            # as in the shared loop (the epoch loop checks the epoch's losses too).
+            if reporter.live or (batch + 1) % training.NAN_CHECK_EVERY == 0:
+                logs = {k: float(v) for k, v in (logs or {}).items()}
+                if not all(np.isfinite(list(logs.values()))):
+                    self.model.stop_training = True
+                reporter.batch(batch, logs)
 
     return ReporterCallback()
 

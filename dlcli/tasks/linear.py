@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import data as data_lib
-from dlcli.errors import UsageError
+from dlcli.errors import RunError, UsageError
 from dlcli.interrupts import Interrupted, StopOnSignal
 from dlcli.runs import atomic_write, link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -275,8 +275,6 @@ def _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop) -> None:
 
 
 def raise_nan(epoch: int, run) -> None:
-    from dlcli.errors import RunError
-
     kept = run.latest_backup()
     raise RunError(
         f"the weights became NaN or infinite in epoch {epoch + 1}; "

@@ -44,10 +44,7 @@ DIGITS = [str(d) for d in range(10)]
 
 
 def _folder_arrays(path: str) -> dict:
-    builder = data_lib.image_folder(path)
-    splits = list(builder.info.splits.keys())
-    train_split = data_lib.pick_split(splits, ("train",), path)
-    test_split = data_lib.pick_split(splits, ("test", "val", "validation"), path)
+    builder, train_split, test_split = data_lib.folder_splits(path)
 
     def arrays(split):
         ds = builder.as_dataset(split=split, as_supervised=True)
