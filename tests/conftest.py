@@ -7,6 +7,7 @@ port, so tensorflow-datasets code paths fail fast the way they do offline.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ import pytest
 from typer.testing import CliRunner
 
 from dlcli.cli import app
+
+
+def shared_data(relative: str) -> Path:
+    """A path inside the real data sets (DLCLI_SHARED_DATA), or skip the slow test without them."""
+    root = os.environ.get("DLCLI_SHARED_DATA")
+    path = Path(root) / relative if root else None
+    if path is None or not path.exists():
+        pytest.skip(f"set DLCLI_SHARED_DATA to the folder holding {relative}")
+    return path
 
 
 @pytest.fixture(autouse=True)

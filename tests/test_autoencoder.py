@@ -4,7 +4,6 @@ The real-data test (`-m slow`) reads DLCLI_SHARED_DATA (the folder holding `lfw/
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image, ImageDraw
 from dlcli import faces
 from dlcli.errors import UsageError
 from dlcli.tasks import autoencoder
-from tests.conftest import Cli
+from tests.conftest import Cli, shared_data
 
 FAST = ["--epochs", "2", "--batch-size", "16", "--set", "val_fraction=0.25", "--quiet"]
 
@@ -192,11 +191,9 @@ def test_views(trained, cli):
 @pytest.mark.slow
 def test_both_models_learn_real_faces(tmp_path):
     """A short run on 3,000 real faces: each model must do far better than the mean face."""
-    shared = os.environ.get("DLCLI_SHARED_DATA")
-    if not shared or not (Path(shared) / "lfw").is_dir():
-        pytest.skip("set DLCLI_SHARED_DATA to the folder holding lfw/")
+    lfw = shared_data("lfw")
     cli = Cli(tmp_path / "runs")
-    data = ["--dataset", f"folder:{Path(shared) / 'lfw'}", "--set", "limit=3000", "--epochs", "3", "--quiet"]
+    data = ["--dataset", f"folder:{lfw}", "--set", "limit=3000", "--epochs", "3", "--quiet"]
     for model in ("deep", "pca"):
         cli.json("train", "autoencoder", *data, "--model", model, "--run", model)
         metrics = cli.json("eval", "autoencoder", "--run", model)["metrics"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dlcli.tasks import cnn
+from tests.conftest import shared_data
 
 CLASSES = ("cross", "ring", "stripes")
 
@@ -128,9 +128,6 @@ def test_default_dataset_fails_fast_offline(cli):
 @pytest.mark.slow
 def test_course_model_learns_real_cifar10(cli):
     """One epoch of the course recipe on the shared CIFAR-10 folder is far above chance."""
-    shared = os.environ.get("DLCLI_SHARED_DATA")
-    if not shared or not (Path(shared) / "cifar10").is_dir():
-        pytest.skip("set DLCLI_SHARED_DATA to the folder holding cifar10/train and cifar10/test")
-    out = cli.json("train", "cnn", "--dataset", f"folder:{Path(shared) / 'cifar10'}", "--model", "course",
+    out = cli.json("train", "cnn", "--dataset", f"folder:{shared_data('cifar10')}", "--model", "course",
                    "--epochs", "1", "--batch-size", "32", "--lr", "5e-3")
     assert out["metrics"]["test_accuracy"] > 0.45

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from PIL import Image
 
 from dlcli import faces
 from dlcli.tasks import gan
-from tests.conftest import Cli
+from tests.conftest import Cli, shared_data
 from tests.test_autoencoder import draw_face, make_faces
 
 FAST = ["--batch-size", "16", "--set", "val_fraction=0.25", "--set", "code_size=32", "--quiet"]
@@ -127,11 +126,9 @@ def test_views(trained_cli):
 
 @pytest.mark.slow
 def test_mmd_falls_on_real_faces(tmp_path):
-    shared = os.environ.get("DLCLI_SHARED_DATA")
-    if not shared or not (Path(shared) / "lfw").is_dir():
-        pytest.skip("set DLCLI_SHARED_DATA to the folder holding lfw/")
+    lfw = shared_data("lfw")
     cli = Cli(tmp_path / "runs")
-    out = cli.json("train", "gan", "--dataset", f"folder:{Path(shared) / 'lfw'}", "--set", "limit=3000",
+    out = cli.json("train", "gan", "--dataset", f"folder:{lfw}", "--set", "limit=3000",
                    "--epochs", "3", "--quiet")
     with open(Path(out["run"]) / "history.csv", newline="") as fh:
         history = list(csv.DictReader(fh))

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from typer.testing import CliRunner
 from dlcli.cli import app
 from dlcli.runs import Run
 from dlcli.tasks import names
+from tests.conftest import shared_data
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -186,10 +186,7 @@ def test_bad_datasets_are_usage_errors(tmp_path, cli):
 
 @pytest.mark.slow
 def test_course_names_beat_the_bigram(cli):
-    shared = os.environ.get("DLCLI_SHARED_DATA")
-    if not shared:
-        pytest.skip("set DLCLI_SHARED_DATA to the shared data folder (holding names/course_names.txt)")
-    data = Path(shared) / "names" / "course_names.txt"
+    data = shared_data("names/course_names.txt")
     metrics = cli.json("train", "names", "--dataset", f"text:{data}", "--quiet")["metrics"]
     assert metrics["val_bpc"] < metrics["bigram_val_bpc"] - 0.3
     rows = cli.json("predict", "names", "--n", "25", "--prefix", "Al", "--temperature", "0.8", "--seed", "1")
