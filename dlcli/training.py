@@ -172,7 +172,37 @@ class StepWatcher:
                     save_mid_epoch(watcher.epoch, done)
 
         self.skipped = 0
+        self.stop = stop
         self.callback = _Callback()
+
+    def raise_if_stopped(self, run, epoch_done: int | None = None) -> None:
+        """After an epoch's `fit`: raise for a non-finite loss or a mid-epoch stop; after the
+        epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
+        resume = f"continue with `dlcli train {run.task} --run {run.name} --resume`"
+        if self.bad_loss_at is not None:
+            bad_epoch, step = self.bad_loss_at
+            kept = run.latest_backup()
+            raise RunError(
+                f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}; "
+                + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
+                + " (try a lower --lr)"
+            )
+        name = self.stop.signal_name
+        if self.stopped_at is not None:
+            stop_epoch, step = self.stopped_at
+            raise Interrupted(name, f"stopped by {name} at epoch {stop_epoch + 1}, step {step}; progress saved "
+                                    f"in {run.latest_backup()}; {resume}")
+        if epoch_done is not None and self.stop.requested:
+            raise Interrupted(name, f"stopped by {name} after epoch {epoch_done}; progress saved; {resume}")
+
+    def data_for(self, epoch: int, start: int, skip: int, data, model, states):
+        """The epoch's data, less the batches a mid-epoch checkpoint had already trained on
+        (whose random layers' states it restores); sets `skipped` for the step count."""
+        self.skipped = skip if epoch == start else 0
+        if not self.skipped:
+            return data
+        restore_seed_states(model, states or [])
+        return data.skip(self.skipped)
 
 
 def load_model(path: Path, task: str | None = None):
@@ -199,7 +229,7 @@ def load_model(path: Path, task: str | None = None):
         raise UsageError(f"cannot load checkpoint {path}: {first}") from None
 
 
-def _build_before_fit(model, strategy, dataset) -> None:
+def build_before_fit(model, strategy, dataset) -> None:
     """Work around keras-team/keras#20585, Keras 3's fit() under MultiWorkerMirroredStrategy.
 
     Two steps of Keras fail there: building the optimizer by reducing a distributed data
@@ -268,7 +298,7 @@ def fit(
                         extra={"seed_states": seed_states(model)})
 
     if isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _build_before_fit(model, ctx.strategy, train_data(start))
+        build_before_fit(model, ctx.strategy, train_data(start))
     tensorboard = keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)
     reporter.start(epochs, initial_epoch=start)
     with StopOnSignal() as stop:
@@ -276,11 +306,7 @@ def fit(
         try:
             for epoch in range(start, epochs):
                 reseed_model(model, seed, epoch)
-                data = train_data(epoch)
-                watcher.skipped = skip if epoch == start else 0
-                if watcher.skipped:
-                    restore_seed_states(model, states or [])
-                    data = data.skip(watcher.skipped)
+                data = watcher.data_for(epoch, start, skip, train_data(epoch), model, states)
                 steps = steps_per_epoch - watcher.skipped if steps_per_epoch else None
                 try:
                     result = model.fit(
@@ -301,33 +327,13 @@ def fit(
                         f"({str(exc.message).split(':')[-1].strip() or type(exc).__name__}); the last checkpoint is "
                         f"{(ctx.resume_from or run).latest_backup()}; start every worker again with --resume"
                     ) from None
-                if watcher.bad_loss_at is not None:
-                    bad_epoch, step = watcher.bad_loss_at
-                    kept = run.latest_backup()
-                    raise RunError(
-                        f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}; "
-                        + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
-                        + " (try a lower --lr)"
-                    )
-                if watcher.stopped_at is not None:
-                    stop_epoch, step = watcher.stopped_at
-                    raise Interrupted(
-                        stop.signal_name,
-                        f"stopped by {stop.signal_name} at epoch {stop_epoch + 1}, step {step}; progress saved "
-                        f"in {run.latest_backup()}; continue with "
-                        f"`dlcli train {run.task} --run {run.name} --resume`",
-                    )
+                watcher.raise_if_stopped(run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 history.append({"epoch": epoch + 1, **logs})
                 run.save_backup(epoch + 1, history, {"model.keras": model.save})
                 run.write_history(history)
                 reporter.end_epoch(epoch, logs)
-                if stop.requested:
-                    raise Interrupted(
-                        stop.signal_name,
-                        f"stopped by {stop.signal_name} after epoch {epoch + 1}; progress saved; continue with "
-                        f"`dlcli train {run.task} --run {run.name} --resume`",
-                    )
+                watcher.raise_if_stopped(run, epoch_done=epoch + 1)
         finally:
             reporter.finish()
     link_or_copy(run.latest_backup() / "model.keras", run.path(model_file))

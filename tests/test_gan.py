@@ -2,6 +2,13 @@
 
 import csv
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +142,56 @@ def test_mmd_falls_on_real_faces(tmp_path):
     mmd = [float(r["mmd"]) for r in history]
     assert min(mmd[1:]) < mmd[0] and mmd[-1] < float(history[-1]["mmd_noise"])
     assert json.loads((Path(out["run"]) / "metrics.json").read_text())["mmd"] == pytest.approx(mmd[-1])
+
+
+def _gan_command(faces_dir: Path, root: Path, run: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dlcli", "train", "gan", "--dataset", f"folder:{faces_dir}", "--batch-size", "2",
+            "--set", "val_fraction=0.25", "--set", "code_size=32", "--epochs", "2", "--run", run,
+            "--checkpoint-dir", str(root), "--quiet", *extra]
+
+
+def test_sigterm_stops_the_gan_at_the_next_step_and_resume_continues_exactly(tmp_path):
+    faces_dir = make_faces(tmp_path / "faces", 120, seed=3)  # 90 training faces, batch 2: 45 steps an epoch
+    root = tmp_path / "runs"
+    subprocess.run(_gan_command(faces_dir, root, "straight"), check=True, capture_output=True)
+    proc = subprocess.Popen(_gan_command(faces_dir, root, "stopped", "--set", "save_every_steps=5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((root / "gan" / "stopped" / "backup").glob("epoch-0000-step-*/state.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert re.search(r"stopped by SIGTERM at epoch [12], step \d+", err) and "--run stopped --resume" in err
+    resumed = subprocess.run(_gan_command(faces_dir, root, "stopped", "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    cli = Cli(root)
+    # Both networks, both optimizers and the noise generator came back: the same generator.
+    assert cli.json("eval", "gan", "--run", "stopped")["metrics"] == cli.json("eval", "gan", "--run", "straight")["metrics"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_strategies_mirrored_and_two_workers(tmp_path, face_dir):
+    root = tmp_path / "runs"
+    mirrored = subprocess.run(_gan_command(face_dir, root, "mirrored", "--set", "strategy=mirrored", "--json", "--epochs", "1"),
+                              capture_output=True, text=True)
+    assert mirrored.returncode == 0, mirrored.stderr[-2000:]
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    procs = [subprocess.Popen(_gan_command(face_dir, root, "mw", "--set", "strategy=multi-worker", "--json", "--epochs", "1"),
+                              env={**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                                                          "task": {"type": "worker", "index": i}})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+    chief, other = (json.loads(out) for out, _ in outputs)
+    assert chief["run"] == other["run"] == str(root / "gan" / "mw")
+    assert chief["metrics"] == other["metrics"]  # one model, trained on both workers' shards
+    assert chief["metrics"]["iterations"] == json.loads(mirrored.stdout)["metrics"]["iterations"]

@@ -24,13 +24,14 @@ faces: what a perfect generator would score) and `mmd_noise` (uniform noise imag
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from dlcli import faces, training
 from dlcli.errors import RunError, UsageError
-from dlcli.interrupts import Interrupted, StopOnSignal
+from dlcli.interrupts import StopOnSignal
 from dlcli.lazy import lazy_import
 from dlcli.runs import link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -117,6 +118,12 @@ def _define_face_gan():
             self.smooth = cfg["label_smoothing"]
             self.noise = keras.random.SeedGenerator(cfg["seed"] or 0)  # reseeded per epoch by training.reseed_model
             self.bce = keras.losses.BinaryCrossentropy(from_logits=True)
+            self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", "d_loss", "d_real", "d_fake")}
+            self.built = True  # both networks are built; fit must not build this by calling it on images
+
+        @property
+        def metrics(self):
+            return list(self.trackers.values())  # fit resets them each epoch: the logs are epoch means
 
         def call(self, z, training=False):
             return self.generator(z, training=training)
@@ -130,6 +137,9 @@ def _define_face_gan():
 
         def train_step(self, real):
             n = tf.shape(real)[0]
+            # Under a tf.distribute strategy each replica's Keras losses come divided by the number
+            # of replicas (the optimizer sums gradients over replicas); the penalty is divided here.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
             d_vars = self.discriminator.trainable_variables
             for _ in range(self.d_steps):  # several discriminator steps, fresh noise each
                 fake = self.generator(self._codes(n), training=True)
@@ -138,15 +148,18 @@ def _define_face_gan():
                     fake_logit = self.discriminator(fake, training=True)
                     d_loss = (self.bce(tf.fill(tf.shape(real_logit), self.smooth), real_logit)  # smoothed labels
                               + self.bce(tf.zeros_like(fake_logit), fake_logit)
-                              + tf.add_n(self.discriminator.losses))
+                              + tf.add_n(self.discriminator.losses) / replicas)
                 self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
             g_vars = self.generator.trainable_variables
             with tf.GradientTape() as tape:
                 fake_logit = self.discriminator(self.generator(self._codes(n), training=True), training=True)
                 g_loss = self.bce(tf.ones_like(fake_logit), fake_logit)
             self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
-            return {"loss": g_loss, "d_loss": d_loss,
-                    "d_real": tf.reduce_mean(tf.sigmoid(real_logit)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logit))}
+            values = {"loss": g_loss * replicas, "d_loss": d_loss * replicas,
+                      "d_real": tf.reduce_mean(tf.sigmoid(real_logit)), "d_fake": tf.reduce_mean(tf.sigmoid(fake_logit))}
+            for name, value in values.items():
+                self.trackers[name].update_state(value)
+            return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     return FaceGAN
 
@@ -275,25 +288,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _reporter_callback(reporter, steps: int):
-    """Feed the progress reporter and stop soon after a non-finite loss."""
-
-    class ReporterCallback(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            reporter.start_epoch(epoch, steps)
-
-        def on_train_batch_end(self, batch, logs=None):
-            # Reading a metric waits for the step: only for a live bar or the periodic NaN check,
-            # as in the shared loop (the epoch loop checks the epoch's losses too).
-            if reporter.live or (batch + 1) % training.NAN_CHECK_EVERY == 0:
-                logs = {k: float(v) for k, v in (logs or {}).items()}
-                if not all(np.isfinite(list(logs.values()))):
-                    self.model.stop_training = True
-                reporter.batch(batch, logs)
-
-    return ReporterCallback()
-
-
 def scale(x: np.ndarray) -> np.ndarray:
     return x.astype("float32") / 255.0
 
@@ -302,8 +296,6 @@ def train(ctx: Context) -> dict:
     cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
     if cfg["d_steps"] < 1:
         raise UsageError(f"d_steps must be >= 1, got {cfg['d_steps']}")
-    if cfg["strategy"] != "default":
-        raise UsageError("the gan task trains on one machine only: drop --set strategy")
     training.set_seed(cfg["seed"])
     split = faces.load_split(cfg, run)
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
@@ -320,42 +312,51 @@ def train(ctx: Context) -> dict:
         return train_ds.shuffle(len(x_train), seed=seed).batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     backup = run.latest_backup() if ctx.resume else None
-    history, start = [], 0
+    history, start, skip, states = [], 0, 0, None
     if backup is not None:
         state = run.read_backup_state(backup)
-        start, history = state["epochs_done"], state["history"]
-        reporter.info(f"resuming {run.dir} after epoch {start}")
+        start, skip, history = state["epochs_done"], state.get("steps_done", 0), state["history"]
+        states = state.get("seed_states")
+        reporter.info(f"resuming {run.dir} after epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else ""))
     if start >= cfg["epochs"]:
         raise UsageError(f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start} to train on")
-    gan = new_gan(cfg, backup)
+    with ctx.strategy.scope() if ctx.strategy is not None else contextlib.nullcontext():
+        gan = new_gan(cfg, backup)
+    if isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        training.build_before_fit(gan, ctx.strategy, train_data(start))
     fixed = latent(PROGRESS_ROW, FIXED_SEED, cfg["code_size"])
     progress_path = run.path(PROGRESS_FILE)
     progress = list(np.load(progress_path)[:start]) if start and progress_path.exists() else []
-    watcher = _reporter_callback(reporter, steps)
+
+    def networks() -> dict:
+        return {GENERATOR_FILE: gan.generator.save, DISCRIMINATOR_FILE: gan.discriminator.save,
+                OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path)}
+
+    def save_mid_epoch(epoch: int, steps_done: int) -> None:
+        run.save_backup(epoch, history, networks(), steps_done=steps_done,
+                        extra={"seed_states": training.seed_states(gan)})
+
     reporter.start(cfg["epochs"], initial_epoch=start)
     with StopOnSignal() as stop:
+        watcher = training.StepWatcher(reporter, steps, stop, save_mid_epoch, cfg["save_every_steps"])
         try:
             for epoch in range(start, cfg["epochs"]):
                 training.reseed_model(gan, cfg["seed"], epoch)
-                result = gan.fit(train_data(epoch), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
-                                 callbacks=[watcher], shuffle=False, verbose=0)
+                data = watcher.data_for(epoch, start, skip, train_data(epoch), gan, states)
+                result = gan.fit(data, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - watcher.skipped,
+                                 callbacks=[watcher.callback], shuffle=False, verbose=0)
+                watcher.raise_if_stopped(run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 if not all(np.isfinite(list(logs.values()))):
-                    raise RunError(f"the GAN's losses became NaN or infinite at epoch {epoch + 1} (try a lower --lr)")
+                    raise RunError(f"the GAN's losses became NaN or infinite in epoch {epoch + 1} (try a lower --lr)")
                 logs.update(quality(gan.generator))
                 history.append({"epoch": epoch + 1, **logs})
                 progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
                 _save_npy(progress_path, np.stack(progress))  # rows beyond the last backup are cut on resume
-                run.save_backup(epoch + 1, history, {
-                    GENERATOR_FILE: gan.generator.save,
-                    DISCRIMINATOR_FILE: gan.discriminator.save,
-                    OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path),
-                })
+                run.save_backup(epoch + 1, history, networks())
                 run.write_history(history)
                 reporter.end_epoch(epoch, logs)
-                if stop.requested:
-                    raise Interrupted(stop.signal_name, f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
-                                      f"continue with `dlcli train gan --run {run.name} --resume`")
+                watcher.raise_if_stopped(run, epoch_done=epoch + 1)
         finally:
             reporter.finish()
     last = run.latest_backup()
