@@ -328,6 +328,8 @@ def train_command(
     try:
         run.write_config(cfg)
         reporter.info(f"training [bold]{task_name}[/] -> {run.dir}")
+        if strategy is not None:
+            reporter.info(f"strategy {cfg['strategy']}: {strategy.num_replicas_in_sync} replicas in sync")
         context = Context(cfg=cfg, run=run, reporter=reporter, resume=resume, strategy=strategy, resume_from=chief_run)
         metrics = task.train(context)
         run.write_metrics(metrics)

@@ -56,10 +56,27 @@ def is_chief() -> bool:
     return kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
 
 
+def cpu_replicas() -> int:
+    """DLCLI_CPU_REPLICAS=N: with `mirrored` and no GPU, mirror over N logical CPU devices."""
+    raw = os.environ.get("DLCLI_CPU_REPLICAS", "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"DLCLI_CPU_REPLICAS must be a positive whole number, got {raw!r}")
+    return int(raw)
+
+
 def make_strategy(name: str):
     """The tf.distribute strategy for `--set strategy=...` (validated by the config);
     create it before any other TensorFlow work, as multi-worker training requires."""
     if name == "mirrored":
+        replicas = cpu_replicas()
+        if replicas > 1 and not tf.config.list_physical_devices("GPU"):
+            # No GPU: split the CPU into logical devices, one replica each (how multi-replica
+            # code paths are tested on a machine without GPUs).
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+            return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
         return tf.distribute.MirroredStrategy()
     if name == "multi-worker":
         if not os.environ.get("TF_CONFIG"):
@@ -67,6 +84,34 @@ def make_strategy(name: str):
         cluster_task()  # validate it
         return tf.distribute.MultiWorkerMirroredStrategy()
     return None
+
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this x86 CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    """Build layers under a Keras dtype policy (`auto`: mixed_bfloat16 on a CPU-only machine
+    whose CPU has bfloat16 instructions, float32 elsewhere). The policy is saved with each
+    layer, so a loaded model computes as it was trained; the global policy is restored."""
+    if name == "auto":
+        name = "mixed_bfloat16" if not tf.config.list_physical_devices("GPU") and cpu_has_bfloat16() else "float32"
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield name
+    finally:
+        keras.config.set_dtype_policy(before)
 
 
 def set_seed(seed: int | None) -> None:

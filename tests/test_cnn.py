@@ -56,6 +56,38 @@ def test_default_model_augments_only_in_training():
     assert not np.allclose(np.asarray(augment(x, training=True)), x)
 
 
+def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
+    import keras
+
+    from dlcli import training
+
+    cfg = {**cnn.DEFAULTS, "width": 8, "precision": "mixed_bfloat16"}
+    model = cnn.build_model(cfg)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left as it was
+    assert model.get_layer("stem").compute_dtype == "bfloat16" and model.get_layer("stem").kernel.dtype == "float32"
+    assert model.output.dtype == "float32"  # softmax in float32
+    model.save(tmp_path / "m.keras")
+    loaded = training.load_model(tmp_path / "m.keras", "cnn")
+    assert loaded.get_layer("stem").compute_dtype == "bfloat16"
+    assert cnn.build_model({**cfg, "precision": "float32"}).get_layer("stem").compute_dtype == "float32"
+    with training.precision("auto") as chosen:
+        assert chosen == ("mixed_bfloat16" if training.cpu_has_bfloat16() else "float32")
+
+
+def test_tta_averages_an_image_with_its_mirror():
+    model = cnn.build_model({**cnn.DEFAULTS, "width": 8, "precision": "float32"})
+    x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    plain, none = cnn.predict_probabilities(model, x, tta=False)
+    both, without = cnn.predict_probabilities(model, x, tta=True)
+    mirrored, _ = cnn.predict_probabilities(model, x[:, :, ::-1], tta=True)
+    assert none is None
+    np.testing.assert_allclose(without, plain, atol=1e-6)
+    np.testing.assert_allclose(mirrored, both, atol=1e-5)  # an image and its mirror: one answer
+    assert not np.allclose(both, plain, atol=1e-4)  # the mirror image did change something
+    metrics = cnn.accuracy_metrics(np.array([0, 1, 2, 3, 4]), both, plain)
+    assert set(metrics) == {"test_loss", "test_accuracy", "test_accuracy_without_tta"}
+
+
 def test_one_cycle_rises_then_falls_and_course_decays():
     cfg = {**cnn.DEFAULTS, "epochs": 10, "lr": 0.1}
     rates = [cnn.one_cycle(cfg, e) for e in range(10)]
@@ -87,6 +119,7 @@ def test_train_eval_predict_and_every_view(cli, root, folder, tmp_path):
     evaluated = cli.json("eval", "cnn", "--run", "r1")["metrics"]
     assert evaluated["test_examples"] == 12
     assert evaluated["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert evaluated["test_accuracy_without_tta"] == pytest.approx(metrics["test_accuracy_without_tta"], abs=1e-6)
 
     from PIL import Image
 

@@ -156,6 +156,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_mirrored_over_two_cpu_replicas_trains_like_one_device(tmp_path, root):
+    x, y = digit_images(20, seed=1)
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+    command = [sys.executable, "-m", "dlcli", "train", "mnist", "--dataset", f"npz:{data}", "--epochs", "3",
+               "--batch-size", "32", "--set", "val_size=20", "--checkpoint-dir", str(root), "--json"]
+    single = subprocess.run([*command, "--run", "single"], capture_output=True, text=True)
+    mirrored = subprocess.run([*command, "--run", "mirrored", "--set", "strategy=mirrored"], capture_output=True,
+                              text=True, env={**os.environ, "DLCLI_CPU_REPLICAS": "2"})
+    assert single.returncode == 0 and mirrored.returncode == 0, mirrored.stderr[-2000:]
+    assert "strategy mirrored: 2 replicas in sync" in mirrored.stderr
+    one, two = (json.loads(r.stdout)["metrics"] for r in (single, mirrored))
+    # Half a batch per replica, gradients summed over replicas: the same training, up to dropout noise.
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=0.2)
+
+
 def test_two_workers_train_mnist_together(tmp_path, root):
     """Two processes on localhost, one cluster (TF_CONFIG), MultiWorkerMirroredStrategy."""
     x, y = digit_images(20, seed=1)

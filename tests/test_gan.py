@@ -179,12 +179,17 @@ def _free_port() -> int:
 
 
 def test_strategies_mirrored_and_two_workers(tmp_path, face_dir):
+    """Two replicas, mirrored over two logical CPUs or as two worker processes, train like one."""
     root = tmp_path / "runs"
-    mirrored = subprocess.run(_gan_command(face_dir, root, "mirrored", "--set", "strategy=mirrored", "--json", "--epochs", "1"),
-                              capture_output=True, text=True)
+    one_epoch = ("--json", "--epochs", "1")
+    single = subprocess.run(_gan_command(face_dir, root, "single", *one_epoch), capture_output=True, text=True)
+    mirrored = subprocess.run([a for a in _gan_command(face_dir, root, "mirrored", "--set", "strategy=mirrored",
+                                                       *one_epoch) if a != "--quiet"],
+                              env={**os.environ, "DLCLI_CPU_REPLICAS": "2"}, capture_output=True, text=True)
     assert mirrored.returncode == 0, mirrored.stderr[-2000:]
+    assert "strategy mirrored: 2 replicas in sync" in mirrored.stderr
     workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
-    procs = [subprocess.Popen(_gan_command(face_dir, root, "mw", "--set", "strategy=multi-worker", "--json", "--epochs", "1"),
+    procs = [subprocess.Popen(_gan_command(face_dir, root, "mw", "--set", "strategy=multi-worker", *one_epoch),
                               env={**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
                                                                           "task": {"type": "worker", "index": i}})},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -195,3 +200,13 @@ def test_strategies_mirrored_and_two_workers(tmp_path, face_dir):
     assert chief["run"] == other["run"] == str(root / "gan" / "mw")
     assert chief["metrics"] == other["metrics"]  # one model, trained on both workers' shards
     assert chief["metrics"]["iterations"] == json.loads(mirrored.stdout)["metrics"]["iterations"]
+
+    def losses(run):
+        with open(root / "gan" / run / "history.csv", newline="") as fh:
+            row = next(csv.DictReader(fh))
+        return np.array([float(row["loss"]), float(row["d_loss"])])
+
+    # Each replica's loss is divided by the number of replicas and the gradients summed: the
+    # logged losses must still be whole-batch means, like a single device's (not halved).
+    for run in ("mirrored", "mw"):
+        np.testing.assert_allclose(losses(run), losses("single"), rtol=0.3)
