@@ -44,6 +44,7 @@ class EpochClock:
     def __init__(self):
         self.ends: list[float] = []
         self.console = None
+        self.live = False  # no progress bar: the shared loop then reads metrics only where needed
 
     def end_epoch(self, epoch, logs=None):
         self.ends.append(time.perf_counter())

@@ -182,7 +182,7 @@ def test_strategies_mirrored_and_two_workers(tmp_path, face_dir):
     """Two replicas, mirrored over two logical CPUs or as two worker processes, train like one."""
     root = tmp_path / "runs"
     one_epoch = ("--json", "--epochs", "1")
-    single = subprocess.run(_gan_command(face_dir, root, "single", *one_epoch), capture_output=True, text=True)
+    subprocess.run(_gan_command(face_dir, root, "single", *one_epoch), check=True, capture_output=True)
     mirrored = subprocess.run([a for a in _gan_command(face_dir, root, "mirrored", "--set", "strategy=mirrored",
                                                        *one_epoch) if a != "--quiet"],
                               env={**os.environ, "DLCLI_CPU_REPLICAS": "2"}, capture_output=True, text=True)

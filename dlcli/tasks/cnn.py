@@ -38,7 +38,7 @@ tfds = lazy_import("tensorflow_datasets")
 
 SIZE = 32
 DEFAULTS = {
-    **common_defaults(dataset="cifar10", epochs=10, batch_size=128, lr=0.05),
+    **common_defaults(dataset="cifar10", epochs=15, batch_size=128, lr=0.05),
     **training.keras_defaults(),
     "model": "default",
     "width": 48,  # filters of the default model's first block; doubled per block
