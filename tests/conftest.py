@@ -98,3 +98,12 @@ def digits_npz(tmp_path) -> Path:
     path = tmp_path / "digits.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a TF_CONFIG cluster of local workers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from tests.conftest import digit_images
+from tests.conftest import digit_images, free_port
 
 
 @pytest.fixture
@@ -148,14 +148,6 @@ def test_random_options_and_configs_never_crash(cli, tmp_path, flags, config):
         assert result.stderr.startswith("error: ") or "Usage:" in result.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mirrored_over_two_cpu_replicas_trains_like_one_device(tmp_path, root):
     x, y = digit_images(20, seed=1)
     data = tmp_path / "digits.npz"
@@ -177,7 +169,7 @@ def test_two_workers_train_mnist_together(tmp_path, root):
     x, y = digit_images(20, seed=1)
     data = tmp_path / "digits.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
-    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     procs = []
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
@@ -206,7 +198,7 @@ def test_a_dead_worker_fails_the_run_clearly_and_resume_recovers_it(tmp_path, ro
     x, y = digit_images(200, seed=1)  # enough steps (batch 8) that the kill lands mid-run
     data = tmp_path / "digits.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
-    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
 
     def start(index, *extra):
         env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
