@@ -3,7 +3,7 @@
     python benchmarks/run.py                       # everything (under 15 minutes on 2 cores)
     python benchmarks/run.py --quick               # smaller data, fewer repetitions
     python benchmarks/run.py --task mnist          # one task (plus start-up)
-    python benchmarks/run.py --data ../shared/data --json-out benchmarks/results/latest.json
+    python benchmarks/run.py --data "$DLCLI_SHARED_DATA" --json-out benchmarks/results/latest.json
 
 Data: `--data DIR` or $DLCLI_SHARED_DATA (the shared real data sets); generated where absent.
 Every figure is measured in a child process beside its reference, in the same run, with

@@ -12,6 +12,7 @@ history as an uninterrupted one, to the last digit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -274,13 +275,51 @@ def load_model(path: Path, task: str | None = None):
         raise UsageError(f"cannot load checkpoint {path}: {first}") from None
 
 
+def strategy_scope(strategy):
+    """Where models and optimizers are built: the strategy's scope, or nothing special."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where training starts: a checkpoint and the state saved with it, or the beginning."""
+
+    backup: Path | None = None
+    epochs_done: int = 0
+    steps_done: int = 0  # batches of epoch `epochs_done + 1` already trained (a mid-epoch checkpoint)
+    history: list = dataclasses.field(default_factory=list)
+    seed_states: list | None = None
+
+
+def resume_point(ctx) -> ResumePoint:
+    """With --resume, the newest checkpoint (on a worker other than the chief, the chief's);
+    refuses a run that has already done `epochs` epochs."""
+    source = ctx.resume_from or ctx.run
+    backup = source.latest_backup() if ctx.resume else None
+    if backup is None:
+        return ResumePoint()
+    state = source.read_backup_state(backup)
+    point = ResumePoint(backup, state["epochs_done"], state.get("steps_done", 0), state["history"],
+                        state.get("seed_states"))
+    start, skip = point.epochs_done, point.steps_done
+    if start >= ctx.cfg["epochs"]:
+        raise UsageError(
+            f"run {ctx.run.dir} has already done {start} epochs; pass --epochs N with N > {start} to train on"
+        )
+    ctx.reporter.info(f"resuming {ctx.run.dir} after epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else ""))
+    return point
+
+
 def build_before_fit(model, strategy, dataset) -> None:
-    """Work around keras-team/keras#20585, Keras 3's fit() under MultiWorkerMirroredStrategy.
+    """Work around keras-team/keras#20585, Keras 3's fit() under MultiWorkerMirroredStrategy
+    (a no-op under any other strategy).
 
     Two steps of Keras fail there: building the optimizer by reducing a distributed data
     batch, and averaging scalar metrics across workers with `axis=0`. Build once from a
     local batch, and average scalars over replicas with `axis=None`.
     """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
     from keras.src.backend.tensorflow import trainer
 
     batch = next(iter(dataset))
@@ -317,33 +356,17 @@ def fit(
     """
     cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
     seed = cfg.get("seed")
-    history: list[dict] = []
-    start, skip, states = 0, 0, None
-    backup = (ctx.resume_from or run).latest_backup() if ctx.resume else None
-    scope = ctx.strategy.scope() if ctx.strategy is not None else contextlib.nullcontext()
-    if backup is not None:
-        with scope:
-            model = load_model(backup / "model.keras")
-        state = (ctx.resume_from or run).read_backup_state(backup)
-        start, skip, history = state["epochs_done"], state.get("steps_done", 0), state["history"]
-        states = state.get("seed_states")
-        where = f"epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else "")
-        reporter.info(f"resuming {run.dir} after {where}")
-    else:
-        with scope:
-            model = build_model()
+    point = resume_point(ctx)
+    start, skip, history, states = point.epochs_done, point.steps_done, point.history, point.seed_states
+    with strategy_scope(ctx.strategy):
+        model = load_model(point.backup / "model.keras") if point.backup else build_model()
     epochs = cfg["epochs"]
-    if start >= epochs:
-        raise UsageError(
-            f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start} to train on"
-        )
 
     def save_mid_epoch(epoch: int, steps_done: int) -> None:
         run.save_backup(epoch, history, {"model.keras": model.save}, steps_done=steps_done,
                         extra={"seed_states": seed_states(model)})
 
-    if isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        build_before_fit(model, ctx.strategy, train_data(start))
+    build_before_fit(model, ctx.strategy, train_data(start))
     tensorboard = keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)
     reporter.start(epochs, initial_epoch=start)
     with StopOnSignal() as stop:

@@ -24,7 +24,6 @@ faces: what a perfect generator would score) and `mmd_noise` (uniform noise imag
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -311,19 +310,11 @@ def train(ctx: Context) -> dict:
         seed = training.epoch_seed(cfg["seed"], epoch)
         return train_ds.shuffle(len(x_train), seed=seed).batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
-    backup = run.latest_backup() if ctx.resume else None
-    history, start, skip, states = [], 0, 0, None
-    if backup is not None:
-        state = run.read_backup_state(backup)
-        start, skip, history = state["epochs_done"], state.get("steps_done", 0), state["history"]
-        states = state.get("seed_states")
-        reporter.info(f"resuming {run.dir} after epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else ""))
-    if start >= cfg["epochs"]:
-        raise UsageError(f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start} to train on")
-    with ctx.strategy.scope() if ctx.strategy is not None else contextlib.nullcontext():
-        gan = new_gan(cfg, backup)
-    if isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        training.build_before_fit(gan, ctx.strategy, train_data(start))
+    point = training.resume_point(ctx)  # on a worker other than the chief: the chief's checkpoint
+    start, skip, history, states = point.epochs_done, point.steps_done, point.history, point.seed_states
+    with training.strategy_scope(ctx.strategy):
+        gan = new_gan(cfg, point.backup)
+    training.build_before_fit(gan, ctx.strategy, train_data(start))
     fixed = latent(PROGRESS_ROW, FIXED_SEED, cfg["code_size"])
     progress_path = run.path(PROGRESS_FILE)
     progress = list(np.load(progress_path)[:start]) if start and progress_path.exists() else []
