@@ -24,6 +24,17 @@ from dlcli.errors import UsageError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, but `1e-3` is a number (YAML 1.1 wants `1.0e-3`; YAML 1.2 and people don't)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOAT.pattern})$"), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
 # Keys with a fixed set of values in every task that has them.
 COMMON_CHOICES: dict[str, list] = {"strategy": ["default", "mirrored", "multi-worker"]}
 
@@ -44,7 +55,7 @@ def parse_set(expr: str) -> tuple[str, Any]:
     if not sep or not key:
         raise UsageError(f"--set expects key=value, got {expr!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, (dict, list)) and not raw.strip().startswith(("[", "{")):
@@ -61,7 +72,7 @@ def load_config_file(path: str | Path) -> dict:
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -93,3 +93,14 @@ def test_bad_config_key_on_the_cli_is_one_line_exit_2(cli):
     assert "must be one of sgd, momentum" in result.stderr
     result = cli("train", "linear", "--epochs", "0", expect=2)
     assert "'epochs' must be an integer >= 1" in result.stderr
+
+
+def test_config_file_reads_1e_minus_3_as_a_number(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 1e-3\nmodel:\n  units: 1E2\n")  # YAML 1.1 would keep these strings
+    with pytest.raises(UsageError, match="'model.units' must be an integer"):
+        config.resolve(DEFAULTS, cfg_file)  # 1E2 is a float, refused where an int belongs
+    cfg_file.write_text("lr: 1e-3\nepochs: 2\n")
+    assert config.resolve(DEFAULTS, cfg_file)["lr"] == 1e-3
+    cfg_file.write_text("dataset: '1e-3'\n")  # a quoted value stays a string
+    assert config.resolve(DEFAULTS, cfg_file)["dataset"] == "1e-3"
