@@ -17,11 +17,22 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.panel import Panel
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 from typing_extensions import Annotated
+
+try:  # Typer >= 0.22 carries its own copy of Click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from dlcli import __version__, config as config_lib
 from dlcli.errors import DlcliError, UsageError
+from dlcli.interrupts import stop_by_exception
+from dlcli.keyhelp import key_help
 from dlcli.lazy import quiet_tensorflow
 from dlcli.progress import Reporter
 from dlcli.runs import DEFAULT_ROOT, Run
@@ -29,50 +40,196 @@ from dlcli.tasks import TASK_NAMES, Context, Option, all_views, get_task
 
 quiet_tensorflow()
 
+ERR = Console(stderr=True, highlight=False)
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (`--epochs abc`, a missing argument) as one line, like dlcli's own."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:  # `dlcli` alone: the help was printed
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            ERR.print(f"[red]error:[/] {escape(message)}{hint}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            ERR.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def format_help(self, ctx, formatter):
+        _hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _hide_flag_types(command, ctx) -> None:
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # a flag takes no value: no `<bool>` beside it in --help
+
+
+def _first_known(args: list[str], known) -> str | None:
+    return next((a for a in args if a in known), None)
+
+
+class TaskHelp(TyperCommand):
+    """A command whose `--help` also lists the options of the task or view named before it.
+
+    `dlcli predict names --help` shows names' --n, --prefix, --temperature; `dlcli train
+    mnist --help` the config keys usable as flags; `dlcli visualize mnist-errors --help` --n.
+    """
+
+    def parse_args(self, ctx, args):
+        ctx.meta["dlcli.help_args"] = list(args)  # --help is eager: the task argument is not parsed yet
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        _hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+        title, rows = _help_extra(ctx.info_name, ctx.meta.get("dlcli.help_args", []))
+        if rows:
+            table = Table.grid(padding=(0, 2))
+            for row in rows:
+                table.add_row(*row)
+            Console(highlight=False).print(Panel(table, title=title, title_align="left", border_style="dim"))
+
+
+def _help_extra(command: str, args: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """The extra panel of `--help` for a command given a task (or view) name."""
+    if command == "visualize":
+        views = all_views()
+        name = _first_known(args, views)
+        if name is None:
+            return "", []
+        options = views[name][1].options
+        return f"Options of view {name}", [(_flag(k), _option_help(o)) for k, o in options.items()]
+    name = _first_known(args, TASK_NAMES)
+    if name is None:
+        return "", []
+    task = get_task(name)
+    if command == "predict":
+        return f"Options of task {name}", [(_flag(k), _option_help(o)) for k, o in task.predict_options.items()]
+    if command == "train":
+        rows = []
+        for key, default in task.defaults.items():
+            if isinstance(default, dict) or key in ("dataset", "data_dir", "epochs", "batch_size", "lr", "seed"):
+                continue
+            allowed = task.choices.get(key) or config_lib.COMMON_CHOICES.get(key)
+            shown = f"one of {', '.join(map(str, allowed))}" if allowed else f"default {_shown_default(default)}"
+            rows.append((_flag(key), f"{key_help(name, key)} [dim]({escape(shown)})[/]"))
+        return f"Config keys of task {name} (also --set KEY=VALUE)", rows
+    return "", []
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _shown_default(value: Any) -> str:
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _option_help(option: Option) -> str:
+    default = "" if option.type is bool and option.default is False else f" [dim](default {escape(_shown_default(option.default))})[/]"
+    return escape(option.help) + default
+
+
+# -- shell completion -----------------------------------------------------------------
+
+
+def complete_task(incomplete: str) -> list[str]:
+    return [name for name in TASK_NAMES if name.startswith(incomplete)]
+
+
+def complete_view(incomplete: str) -> list[str]:
+    return [name for name in all_views() if name.startswith(incomplete)]
+
+
+def complete_set(ctx: typer.Context, incomplete: str) -> list[str]:
+    """`--set KEY=` for every config key of the task on the line (all tasks' keys without one)."""
+    task_name = ctx.params.get("task_name") or _first_known(ctx.args, TASK_NAMES)  # completion parses leniently
+    names = [task_name] if task_name in TASK_NAMES else list(TASK_NAMES)
+    keys = dict.fromkeys(k for n in names for k in config_lib.flat_keys(get_task(n).defaults))
+    return [f"{k}=" for k in keys if f"{k}=".startswith(incomplete)]
+
+
 app = typer.Typer(
     name="dlcli",
     help="Train, evaluate and use the deep-learning course's models from the shell.\n\n"
     "Tasks: " + ", ".join(TASK_NAMES) + ". Run `dlcli tasks` to see them with their views.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=OneLineErrors,
 )
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-ERR = Console(stderr=True, highlight=False)
 
 # -- options shared by the commands ----------------------------------------------------
 
-TaskArg = Annotated[str, typer.Argument(help="Task: " + ", ".join(TASK_NAMES) + ".", show_default=False)]
+TaskArg = Annotated[
+    str,
+    typer.Argument(help="Task: " + ", ".join(TASK_NAMES) + ".", show_default=False, metavar="TASK",
+                   autocompletion=complete_task),
+]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.", show_default=False)]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.", show_default=False)]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", show_default=False)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same run).", show_default=False)]
+SeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same run, to the last digit.", show_default=False)
+]
+SampleSeedOpt = Annotated[
+    Optional[int],
+    typer.Option("--seed", help="Random seed of tasks that sample (names, gan): the same seed gives the same output.", show_default=False),
+]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config keys.", show_default=False)]
+SET_EXAMPLE = "epochs=5"
 SetOpt = Annotated[
     Optional[List[str]],
-    typer.Option("--set", help="Override a config key: --set model.units=128 (repeatable).", show_default=False),
+    typer.Option(
+        "--set", metavar="KEY=VALUE", autocompletion=complete_set, show_default=False,
+        help=f"Set a config key: --set {SET_EXAMPLE} (repeatable; `dlcli tasks TASK` lists the keys).",
+    ),
 ]
 DatasetOpt = Annotated[
     Optional[str],
     typer.Option(
         "--dataset",
-        help="Data: a tensorflow-datasets NAME, folder:PATH, npz:PATH or text:PATH.",
+        help="Data: a tensorflow-datasets NAME, folder:PATH, npz:PATH, text:PATH or captions:DIR "
+        "(which ones a task takes: `dlcli tasks TASK`).",
         show_default=False,
     ),
 ]
 DataDirOpt = Annotated[
     Optional[str], typer.Option("--data-dir", help="tensorflow-datasets data directory (or TFDS_DATA_DIR).", show_default=False)
 ]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name (default: a time stamp; newest run for eval).", show_default=False)]
+TrainRunOpt = Annotated[
+    Optional[str],
+    typer.Option("--run", help="Name of the new run (default: a time stamp); with --resume, the run to continue "
+                 "(default: the newest unfinished one).", show_default=False),
+]
+RunOpt = Annotated[
+    Optional[str], typer.Option("--run", help="Run to use (default: the task's newest finished run).", show_default=False)
+]
 RootOpt = Annotated[Path, typer.Option("--checkpoint-dir", help="Where runs live.")]
 CheckpointOpt = Annotated[
     Optional[Path], typer.Option("--checkpoint", help="Use this model file instead of a run's.", show_default=False)
 ]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last completed epoch.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; all else goes to stderr.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; all else goes to stderr.", show_default=False)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).", show_default=False)]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Where to write the output.", show_default=False)]
 
 
@@ -96,14 +253,19 @@ def handle_errors(command):
         except DlcliError as exc:
             ERR.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            ERR.print("interrupted; `--resume` continues a training run from its last completed epoch")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as exc:
+            what = "stopped by SIGTERM" if getattr(exc, "exit_code", 130) == 143 else "interrupted"
+            ERR.print(f"{what}; `--resume` continues a training run from its last checkpoint")
+            raise typer.Exit(getattr(exc, "exit_code", 130))
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # the last resort: still one line, never a traceback
             if os.environ.get("DLCLI_DEBUG"):
                 raise
+            if isinstance(exc, OSError) and exc.strerror:  # a read-only or full disk, a missing folder
+                where = f"{exc.filename}: " if exc.filename else ""
+                ERR.print(f"[red]error:[/] {where}{exc.strerror}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(1)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             ERR.print(
                 f"[red]error:[/] {type(exc).__name__}: {first} (set DLCLI_DEBUG=1 for the traceback)",
@@ -190,10 +352,14 @@ def _run_config(task_name: str, run: Run, overrides: dict) -> dict:
 # -- commands -------------------------------------------------------------------------
 
 
-@app.command("tasks")
+@app.command("tasks", cls=TaskHelp)
 @handle_errors
 def tasks_command(
-    task_name: Annotated[Optional[str], typer.Argument(help="Show this task's config keys, predict options and views.", show_default=False)] = None,
+    task_name: Annotated[
+        Optional[str],
+        typer.Argument(help="Show this task's config keys, predict options and views.", show_default=False,
+                       metavar="TASK", autocompletion=complete_task),
+    ] = None,
     root: RootOpt = DEFAULT_ROOT,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -238,11 +404,14 @@ def _describe_task(task_name: str, json_mode: bool) -> None:
     def option_rows(options: dict) -> list[dict]:
         return [{"option": "--" + k.replace("_", "-"), "default": o.default, "help": o.help} for k, o in options.items()]
 
+    flat = config_lib._flatten(task.defaults)
+    allowed = {k: task.choices.get(k) or config_lib.COMMON_CHOICES.get(k) for k in flat}
     info = {
         "task": task_name,
         "summary": task.summary,
         "config": task.defaults,
         "choices": task.choices,
+        "keys": {k: {"default": v, "allowed": allowed[k], "help": key_help(task_name, k)} for k, v in flat.items()},
         "predict_options": option_rows(task.predict_options),
         "views": {name: {"help": v.help, "options": option_rows(v.options)} for name, v in task.views.items()},
     }
@@ -250,23 +419,39 @@ def _describe_task(task_name: str, json_mode: bool) -> None:
         _emit_json(info)
         return
     console = Console(highlight=False)
-    console.print(f"[bold]{task_name}[/]: {task.summary}\n")
-    console.print("config keys (`--set KEY=VALUE`; top-level keys also as `--KEY VALUE`):")
-    console.print(config_lib.to_yaml(task.defaults).rstrip(), markup=False)
-    for key, allowed in task.choices.items():
-        console.print(f"  {key}: one of {', '.join(map(str, allowed))}", markup=False)
+    console.print(f"[bold]{task_name}[/]: {escape(task.summary)}\n")
+    keys = Table(title="config keys (`--set KEY=VALUE`; top-level keys also as `--KEY VALUE`)", title_justify="left",
+                 header_style="bold", box=None, padding=(0, 1))
+    keys.add_column("key", no_wrap=True)
+    keys.add_column("default", no_wrap=True)
+    keys.add_column("meaning (and allowed values)")
+    for key, row in info["keys"].items():
+        meaning = escape(row["help"])
+        if row["allowed"]:
+            meaning += "\n[italic]allowed:[/] " + escape(", ".join(map(str, row["allowed"])))
+        keys.add_row(escape(key), escape(_shown_default(row["default"])), meaning)
+    console.print(keys)
+
+    def options_table(title: str, rows: list[dict]):
+        table = Table(title=title, title_justify="left", header_style="bold", box=None, padding=(0, 1))
+        for column in ("option", "default", "meaning"):
+            table.add_column(column, no_wrap=column != "meaning")
+        for row in rows:
+            table.add_row(row["option"], escape(_shown_default(row["default"])), escape(row["help"]))
+        return table
+
     if task.predict_options:
-        console.print(f"\n`dlcli predict {task_name}` options:")
-        for row in info["predict_options"]:
-            console.print(f"  {row['option']} (default {row['default']}): {row['help']}", markup=False)
-    console.print("\nviews (`dlcli visualize VIEW`):")
+        console.print()
+        console.print(options_table(f"`dlcli predict {task_name}` options", info["predict_options"]))
+    console.print("\n[bold]views[/] (`dlcli visualize VIEW`):")
     for name, view in task.views.items():
-        console.print(f"  {name}: {view.help}", markup=False)
-        for row in option_rows(view.options):
-            console.print(f"      {row['option']} (default {row['default']}): {row['help']}", markup=False)
+        console.print(f"  {name}: {escape(view.help)}")
+        if view.options:
+            table = options_table("", option_rows(view.options))
+            console.print(Padding(table, (0, 0, 0, 4)))
 
 
-@app.command("train", context_settings=EXTRA_ARGS)
+@app.command("train", context_settings=EXTRA_ARGS, cls=TaskHelp)
 @handle_errors
 def train_command(
     ctx: typer.Context,
@@ -279,10 +464,10 @@ def train_command(
     sets: SetOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    run_name: RunOpt = None,
+    run_name: TrainRunOpt = None,
     root: RootOpt = DEFAULT_ROOT,
     resume: ResumeOpt = False,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.", show_default=False)] = False,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -301,10 +486,11 @@ def train_command(
     run = None
     if resume:
         run = Run.find(root, task_name, run_name, finished=False)
+    if run is not None and (run.config_path.exists() or run.latest_backup() is not None):
         if config_file:
             raise UsageError("--config cannot change a run being resumed; use --set or flags")
         cfg = config_lib.resolve(task.defaults, sets=sets or [], flags=flags, choices=task.choices, base=run.read_config())
-    else:
+    else:  # a new run, or one stopped before its config was saved (nothing trained yet: start it afresh)
         cfg = config_lib.resolve(task.defaults, config_file, sets or [], flags, task.choices)
     if print_config:
         sys.stdout.write(config_lib.to_yaml(cfg))
@@ -347,7 +533,7 @@ def train_command(
         _emit_json({"task": task_name, "run": str(run.dir), "config": cfg, "metrics": metrics})
 
 
-@app.command("eval")
+@app.command("eval", cls=TaskHelp)
 @handle_errors
 def eval_command(
     task_name: TaskArg,
@@ -371,16 +557,19 @@ def eval_command(
         _emit_json({"task": task_name, "run": str(run.dir), "metrics": metrics})
 
 
-@app.command("predict", context_settings=EXTRA_ARGS)
+@app.command("predict", context_settings=EXTRA_ARGS, cls=TaskHelp)
 @handle_errors
 def predict_command(
     ctx: typer.Context,
     task_name: TaskArg,
-    inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (images for image tasks).", show_default=False)] = None,
+    inputs: Annotated[
+        Optional[List[str]],
+        typer.Argument(help="Input files (images for image tasks), and the task's options.", show_default=False, metavar="INPUTS"),
+    ] = None,
     run_name: RunOpt = None,
     checkpoint: CheckpointOpt = None,
     root: RootOpt = DEFAULT_ROOT,
-    seed: SeedOpt = None,
+    seed: SampleSeedOpt = None,
     out: OutOpt = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -413,18 +602,25 @@ def predict_command(
         raise typer.Exit(2)
 
 
-@app.command("visualize", context_settings=EXTRA_ARGS)
+@app.command("visualize", context_settings=EXTRA_ARGS, cls=TaskHelp)
 @handle_errors
 def visualize_command(
     ctx: typer.Context,
-    view_name: Annotated[str, typer.Argument(help="View, for example mnist-confusion or training-curves (`dlcli tasks` lists them).", show_default=False)],
-    task_name: Annotated[Optional[str], typer.Option("--task", help="Task whose run to draw (for views of any task).", show_default=False)] = None,
+    view_name: Annotated[
+        str,
+        typer.Argument(help="View, for example mnist-confusion or training-curves (`dlcli tasks` lists them).",
+                       show_default=False, metavar="VIEW", autocompletion=complete_view),
+    ],
+    task_name: Annotated[
+        Optional[str],
+        typer.Option("--task", help="Task whose run to draw (for views of any task).", show_default=False, autocompletion=complete_task),
+    ] = None,
     run_name: RunOpt = None,
     checkpoint: CheckpointOpt = None,
     root: RootOpt = DEFAULT_ROOT,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    seed: SeedOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed of views that sample.", show_default=False)] = None,
     out: OutOpt = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -476,4 +672,5 @@ def main_callback(
 
 
 def main() -> None:
+    stop_by_exception()
     app()

@@ -93,6 +93,11 @@ def _known_keys(defaults: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
+def flat_keys(defaults: Mapping) -> list[str]:
+    """Every settable (dotted) key of a task's defaults."""
+    return list(_flatten(defaults))
+
+
 def _set_dotted(cfg: dict, defaults: Mapping, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node, spec = cfg, defaults

@@ -135,4 +135,84 @@ def test_tasks_task_describes_keys_options_and_views(cli):
     assert [o["option"] for o in info["predict_options"]] == ["--top-k"]
     assert info["views"]["mnist-errors"]["options"][0]["option"] == "--n"
     result = cli("tasks", "linear")
-    assert "optimizer: adam" in result.stdout and "linear-optimizers" in result.stdout
+    assert "optimizer" in result.stdout and "allowed: sgd, momentum" in result.stdout and "linear-optimizers" in result.stdout
+
+
+def test_click_usage_errors_are_one_line(cli):
+    for args, message in [
+        (["train", "linear", "--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["train"], "Missing argument 'TASK'"),
+        (["nosuchcommand"], "No such command"),
+    ]:
+        result = cli.runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert message in result.stderr and "╭" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_shell_completion_of_tasks_views_and_config_keys(cli):
+    help_text = cli("--help").stdout
+    assert "--install-completion" in help_text and "--show-completion" in help_text
+
+    def complete(words: str) -> list[str]:
+        env = {"_DLCLI_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+        result = cli.runner.invoke(app, [], env=env, prog_name="dlcli")
+        return result.stdout.split()
+
+    assert complete("dlcli train mn") == ["mnist"]
+    assert complete("dlcli visualize mnist-") == ["mnist-confusion", "mnist-errors"]
+    assert complete("dlcli train cnn --set wa") == ["warmup="]
+    assert "linear" in complete("dlcli tasks l")
+
+
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["predict", "names", "--help"], ["--n", "--prefix", "--temperature", "--exclude-training"]),
+        (["train", "mnist", "--help"], ["--model", "--hidden", "--lr-decay", "one of softmax, mlp, cnn"]),
+        (["visualize", "mnist-errors", "--help"], ["Options of view mnist-errors", "--n"]),
+    ],
+)
+def test_help_shows_the_options_of_the_task_named(cli, argv, shown):
+    result = cli.runner.invoke(app, argv, env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    for text in shown:
+        assert text in result.stdout, text
+    assert "<bool>" not in result.stdout  # flags take no value
+
+
+def test_help_texts_of_run_seed_and_dataset(cli):
+    def help_of(command):
+        return " ".join(cli.runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout.split())
+
+    assert "newest unfinished" in help_of("train") and "newest run for eval" not in help_of("train")
+    for command in ("eval", "predict", "visualize"):
+        assert "newest finished run" in help_of(command) and "time stamp" not in help_of(command)
+    assert "same seed, same run" not in help_of("predict") and "tasks that sample" in help_of("predict")
+    assert "captions:DIR" in help_of("train")
+
+
+def test_the_set_example_in_the_help_works_for_every_task():
+    from dlcli import cli as cli_module, config
+    from dlcli.tasks import TASK_NAMES, get_task
+
+    from typer.testing import CliRunner
+
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert f"--set {cli_module.SET_EXAMPLE}" in help_text
+    for name in TASK_NAMES:
+        task = get_task(name)
+        config.resolve(task.defaults, sets=[cli_module.SET_EXAMPLE], choices=task.choices)
+
+
+def test_every_config_key_of_every_task_is_explained(cli):
+    from dlcli.tasks import TASK_NAMES
+
+    for name in TASK_NAMES:
+        info = cli.json("tasks", name)
+        for key, row in info["keys"].items():
+            assert row["help"], f"{name}: config key {key} has no line in dlcli/keyhelp.py"
+        for row in info["predict_options"]:
+            assert row["help"]
+    text = cli("tasks", "names").stdout
+    assert "(default )" not in text and "allowed:" in text
