@@ -29,7 +29,7 @@ try:  # Typer >= 0.22 carries its own copy of Click
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
-from dlcli import __version__, config as config_lib
+from dlcli import __version__, config as config_lib, data as data_lib
 from dlcli.errors import DlcliError, UsageError
 from dlcli.interrupts import stop_by_exception
 from dlcli.keyhelp import key_help
@@ -343,6 +343,32 @@ def _open_run(task: str, root: Path, run_name: str | None, checkpoint: Path | No
     return Run.find(root, task, run_name)
 
 
+def _run_to_resume(root: Path, task_name: str, run_name: str | None) -> Run:
+    """The named run, else the newest unfinished one; a clear error where there is none."""
+    if run_name:
+        return Run.find(root, task_name, run_name, finished=False)
+    runs = Run.all(root, task_name)
+    unfinished = [r for r in runs if not r.finished]
+    if unfinished:
+        return unfinished[-1]
+    if runs:
+        raise UsageError(
+            f"nothing to resume: every run of task {task_name} in {Path(root) / task_name} has finished "
+            f"(the newest: {runs[-1].name}); train a new run without --resume, or continue a finished "
+            f"one for more epochs with --run NAME --resume --epochs N"
+        )
+    return Run.find(root, task_name, None, finished=False)  # its error: no run of the task
+
+
+def _remove_empty_parents(run_dir: Path, root: Path) -> None:
+    """After a failed new run: remove checkpoints/TASK/ (and the default checkpoints/) if left empty."""
+    for folder in (run_dir.parent, Path(root)) if Path(root) == DEFAULT_ROOT else (run_dir.parent,):
+        try:
+            folder.rmdir()  # only ever removes an empty directory
+        except OSError:
+            break
+
+
 def _run_config(task_name: str, run: Run, overrides: dict) -> dict:
     task = get_task(task_name)
     base = run.read_config() if run.config_path.exists() else {}
@@ -485,7 +511,7 @@ def train_command(
     flags.update(_config_flags(list(ctx.args), task.defaults, task_name))
     run = None
     if resume:
-        run = Run.find(root, task_name, run_name, finished=False)
+        run = _run_to_resume(root, task_name, run_name)
     if run is not None and (run.config_path.exists() or run.latest_backup() is not None):
         if config_file:
             raise UsageError("--config cannot change a run being resumed; use --set or flags")
@@ -495,6 +521,7 @@ def train_command(
     if print_config:
         sys.stdout.write(config_lib.to_yaml(cfg))
         return
+    data_lib.check_dataset(task_name, cfg["dataset"])  # before TensorFlow loads and before the run is made
     reporter = _reporter(json_mode, quiet)
     strategy, chief_run = None, None
     if cfg.get("strategy", "default") != "default":
@@ -522,6 +549,7 @@ def train_command(
     except BaseException:
         if new_run and run.latest_backup() is None:
             shutil.rmtree(run.dir, ignore_errors=True)  # nothing to resume: leave no half-made run
+            _remove_empty_parents(run.dir, root)
         raise
     finally:
         run.unlock()
@@ -548,6 +576,8 @@ def eval_command(
 ) -> None:
     """Evaluate a trained run on its task's test data (the newest finished run by default)."""
     task = get_task(task_name)
+    if dataset:
+        data_lib.check_dataset(task_name, dataset)
     run = _open_run(task_name, root, run_name, checkpoint)
     cfg = _run_config(task_name, run, {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size})
     reporter = _reporter(json_mode, quiet)

@@ -54,6 +54,77 @@ def parse_dataset(spec: str, allowed: tuple[str, ...] = KINDS) -> tuple[str, str
     return kind, value
 
 
+# What each task's --dataset takes: kinds (as its loader passes them to parse_dataset), the
+# names of its built-in data, the arrays an npz must hold, and whether a folder is split into
+# <split>/<label>/ (an image-classification folder) or is any folder of images.
+TASK_DATA: dict[str, dict] = {
+    "linear": {"kinds": ("npz",), "builtin": ("circles",), "npz_keys": ("x_train", "y_train")},
+    "mnist": {"kinds": ("tfds", "npz", "folder"), "npz_keys": ("x_train", "y_train", "x_test", "y_test"),
+              "labelled_folder": True},
+    "cnn": {"kinds": ("tfds", "folder"), "labelled_folder": True},
+    "finetune": {"kinds": ("tfds", "folder"), "labelled_folder": True},
+    "autoencoder": {"kinds": ("tfds", "folder")},
+    "gan": {"kinds": ("tfds", "folder")},
+    "names": {"kinds": ("text",), "builtin": ("census",)},
+    "caption": {"kinds": ("tfds", "captions")},
+}
+
+
+def check_dataset(task: str, spec: str) -> None:
+    """Refuse a --dataset the task cannot read, before TensorFlow loads and before a run is made.
+
+    What needs TensorFlow (a tensorflow-datasets name, the images themselves) is checked later
+    by the task's loader; this catches the rest in milliseconds: a wrong kind, a missing or
+    empty path, an npz that is not one or lacks arrays, a folder without images.
+    """
+    rules = TASK_DATA.get(task)
+    if rules is None or spec in rules.get("builtin", ()):
+        return
+    takes = ", ".join([*rules.get("builtin", ()), *("NAME" if k == "tfds" else f"{k}:PATH" for k in rules["kinds"])])
+    kind, sep, _ = spec.partition(":")
+    if "tfds" not in rules["kinds"] and (not sep or kind == "tfds"):
+        raise UsageError(f"task {task} cannot use --dataset {spec!r}; it takes {takes}")
+    try:
+        kind, value = parse_dataset(spec, allowed=rules["kinds"])
+    except UsageError as exc:
+        if "this task cannot use" in str(exc):
+            raise UsageError(f"task {task} cannot use --dataset {spec!r}; it takes {takes}") from None
+        raise
+    path = Path(value)
+    if kind in ("npz", "text"):
+        if path.is_dir():
+            raise UsageError(f"--dataset {spec!r}: {path} is a directory; {kind}: takes a file")
+        if path.stat().st_size == 0:
+            raise UsageError(f"--dataset {spec!r}: {path} is an empty file")
+    if kind == "npz":
+        files = npz_names(str(path))
+        missing = [k for k in rules.get("npz_keys", ()) if k not in files]
+        if missing:
+            raise UsageError(f"{path} lacks the arrays {', '.join(missing)} (it has {', '.join(files) or 'none'})")
+    if kind == "folder" and rules.get("labelled_folder"):
+        check_image_folder(str(path))
+    elif kind == "folder":
+        if not path.is_dir():
+            raise UsageError(f"--dataset {spec!r}: {path} is not a folder")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            raise UsageError(f"--dataset {spec!r}: {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def npz_names(path: str) -> list[str]:
+    """The array names in an .npz file, or a clear error if it is not one."""
+    import zipfile
+
+    if Path(path).stat().st_size == 0:
+        raise UsageError(f"{path}: empty file")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not an .npz file (NumPy's zip of arrays, as written by numpy.savez)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.files)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path} as an .npz file: {exc}") from None
+
+
 def network_available(timeout: float = 3.0) -> bool:
     host, _, port = os.environ.get("DLCLI_NETWORK_PROBE", NETWORK_PROBE).rpartition(":")
     try:
@@ -101,6 +172,7 @@ def tfds_arrays(name: str, split: str, data_dir: str | None = None) -> tuple[np.
 
 def load_npz(path: str, keys: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")) -> dict:
     """Arrays from an .npz file, refusing pickles and naming missing keys."""
+    npz_names(path)  # an empty file or not a zip: say so, not NumPy's advice on pickles
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
@@ -118,6 +190,12 @@ def load_npz(path: str, keys: tuple[str, ...] = ("x_train", "y_train", "x_test",
 
 def image_folder(path: str):
     """The tfds ImageFolder builder of `path/<split>/<label>/<image>`."""
+    check_image_folder(path)
+    return tfds.folder_dataset.ImageFolder(str(Path(path)))
+
+
+def check_image_folder(path: str) -> None:
+    """Refuse a folder that is not `path/<split>/<label>/<image>` (needs no TensorFlow)."""
     root = Path(path)
     splits = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
     if not splits or not any(
@@ -127,7 +205,6 @@ def image_folder(path: str):
             f"{path} is not an image folder: expected {path}/<split>/<label>/<image>.jpg "
             "(for example train/cat/0001.jpg)"
         )
-    return tfds.folder_dataset.ImageFolder(str(root))
 
 
 def folder_splits(path: str):

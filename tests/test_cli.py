@@ -216,3 +216,46 @@ def test_every_config_key_of_every_task_is_explained(cli):
             assert row["help"]
     text = cli("tasks", "names").stdout
     assert "(default )" not in text and "allowed:" in text
+
+
+def test_bad_datasets_are_refused_before_tensorflow_and_leave_nothing(tmp_path):
+    import numpy as np
+
+    (tmp_path / "names.txt").write_text("Anna\nBob\n")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "wrong.npz", a=np.zeros(3))
+    (tmp_path / "flat").mkdir()
+    cases = {
+        "folder:/nonexistent": "does not exist",
+        "npz:wrong.npz": "lacks the arrays x_train, y_train, x_test, y_test",
+        "foo:bar": "cannot read --dataset 'foo:bar'",
+        "text:names.txt": "task mnist cannot use --dataset 'text:names.txt'",
+        "npz:names.txt": "is not an .npz file",
+        "npz:empty.npz": "empty file",
+        "folder:flat": "is not an image folder",
+    }
+    code = (
+        "import sys\n"
+        "from dlcli.cli import app\n"
+        "try:\n    app(['train', 'mnist', '--dataset', sys.argv[1], '--checkpoint-dir', 'runs'])\n"
+        "except SystemExit as e:\n    print('EXIT', e.code, 'TF-LOADED' if 'tensorflow' in sys.modules else 'TF-NOT-LOADED')\n"
+    )
+    for spec, message in cases.items():
+        result = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert "EXIT 2 TF-NOT-LOADED" in result.stdout, (spec, result.stdout, result.stderr)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (spec, result.stderr)
+        assert "training mnist" not in result.stdout
+        assert not (tmp_path / "runs").exists(), spec
+
+
+def test_a_run_that_fails_leaves_no_empty_task_folder(cli):
+    result = cli("train", "mnist", "--epochs", "1", expect=1)  # offline: tensorflow-datasets cannot fetch mnist
+    assert "not prepared" in result.stderr
+    assert not (cli.root / "mnist").exists()
+
+
+def test_resume_without_run_takes_the_newest_unfinished_or_says_nothing_to_resume(cli):
+    cli("train", "linear", "--epochs", "2", "--run", "done", "--quiet")
+    result = cli("train", "linear", "--resume", expect=2)
+    assert "nothing to resume" in result.stderr and "done" in result.stderr
+    assert "resuming" not in result.stdout
