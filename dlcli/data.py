@@ -13,6 +13,7 @@ a second instead of minutes of retries.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -141,11 +142,18 @@ def tfds_data_dir(data_dir: str | None) -> str | None:
 def tfds_builder(name: str, data_dir: str | None = None):
     """A prepared tensorflow-datasets builder, downloading only if the network answers."""
     data_dir = tfds_data_dir(data_dir)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # its warnings on missing folders would come before our one clear line
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as exc:  # tfds raises its own DatasetNotFoundError and friends
-        raise UsageError(f"tensorflow-datasets has no data set {name!r}: {str(exc).splitlines()[0]}") from None
-    if builder.is_prepared():
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as exc:  # tfds raises its own DatasetNotFoundError and friends
+            raise UsageError(f"tensorflow-datasets has no data set {name!r}: {str(exc).splitlines()[0]}") from None
+        prepared = builder.is_prepared()
+    finally:
+        absl.setLevel(level)
+    if prepared:
         return builder
     where = builder.data_dir
     if not network_available():

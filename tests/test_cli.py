@@ -259,3 +259,12 @@ def test_resume_without_run_takes_the_newest_unfinished_or_says_nothing_to_resum
     result = cli("train", "linear", "--resume", expect=2)
     assert "nothing to resume" in result.stderr and "done" in result.stderr
     assert "resuming" not in result.stdout
+
+
+def test_offline_tfds_error_is_the_only_line(tmp_path):
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "DLCLI_NETWORK_PROBE": "127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "dlcli", "train", "mnist", "--checkpoint-dir", str(tmp_path / "runs")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: data set 'mnist' is not prepared"), result.stderr  # no absl WARNING first
+    assert len(result.stderr.strip().splitlines()) == 1
