@@ -238,6 +238,13 @@ def _reporter(json_mode: bool, quiet: bool) -> Reporter:
     return Reporter(console, quiet=quiet)
 
 
+def _human(value: Any) -> str:
+    """One format for numbers in human output: 4 decimals (0.9965, 0.0000), 4 digits when large."""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -343,6 +350,19 @@ def _open_run(task: str, root: Path, run_name: str | None, checkpoint: Path | No
     return Run.find(root, task, run_name)
 
 
+def _check_run_task(task_name: str, run: Run, saved: dict) -> None:
+    """Refuse a run (or --checkpoint) of another task by name, not by its first odd config key."""
+    owner = run.dir.parent.name if run.dir.parent.name in TASK_NAMES else None
+    keys = set(config_lib.flat_keys(saved))
+    if keys and not keys <= set(config_lib.flat_keys(get_task(task_name).defaults)):
+        owner = next((n for n in TASK_NAMES if keys <= set(config_lib.flat_keys(get_task(n).defaults))), owner)
+    elif owner is not None and keys:
+        owner = None  # the config fits this task: trust it over the folder's name
+    if owner is not None and owner != task_name:
+        raise UsageError(f"{run.dir} holds a {owner} model, not a {task_name} model; "
+                         f"give {owner} as the task, or a {task_name} run")
+
+
 def _run_to_resume(root: Path, task_name: str, run_name: str | None) -> Run:
     """The named run, else the newest unfinished one; a clear error where there is none."""
     if run_name:
@@ -372,6 +392,7 @@ def _remove_empty_parents(run_dir: Path, root: Path) -> None:
 def _run_config(task_name: str, run: Run, overrides: dict) -> dict:
     task = get_task(task_name)
     base = run.read_config() if run.config_path.exists() else {}
+    _check_run_task(task_name, run, base)
     return config_lib.resolve(task.defaults, base=base, flags=overrides, choices=task.choices)
 
 
@@ -577,7 +598,7 @@ def eval_command(
     """Evaluate a trained run on its task's test data (the newest finished run by default)."""
     task = get_task(task_name)
     if dataset:
-        data_lib.check_dataset(task_name, dataset)
+        data_lib.check_dataset(task_name, dataset, training=False)
     run = _open_run(task_name, root, run_name, checkpoint)
     cfg = _run_config(task_name, run, {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size})
     reporter = _reporter(json_mode, quiet)
@@ -623,7 +644,9 @@ def predict_command(
         for row in rows:
             if "error" in row:
                 continue
-            shown = row.get("text") or "  ".join(f"{k} {v}" for k, v in row.items() if k != "input")
+            shown = row.get("text") or "  ".join(f"{k} {_human(v)}" for k, v in row.items() if k not in ("input", "note"))
+            if row.get("note"):
+                shown += f"  ({row['note']})"
             reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False, markup=False)
     for row in failures:
         ERR.print(f"[red]error:[/] {row['error']}", markup=True, highlight=False, soft_wrap=True)

@@ -71,7 +71,7 @@ TASK_DATA: dict[str, dict] = {
 }
 
 
-def check_dataset(task: str, spec: str) -> None:
+def check_dataset(task: str, spec: str, training: bool = True) -> None:
     """Refuse a --dataset the task cannot read, before TensorFlow loads and before a run is made.
 
     What needs TensorFlow (a tensorflow-datasets name, the images themselves) is checked later
@@ -99,7 +99,7 @@ def check_dataset(task: str, spec: str) -> None:
             raise UsageError(f"--dataset {spec!r}: {path} is an empty file")
     if kind == "npz":
         files = npz_names(str(path))
-        missing = [k for k in rules.get("npz_keys", ()) if k not in files]
+        missing = [k for k in rules.get("npz_keys", ()) if k not in files] if training else []
         if missing:
             raise UsageError(f"{path} lacks the arrays {', '.join(missing)} (it has {', '.join(files) or 'none'})")
     if kind == "folder" and rules.get("labelled_folder"):

@@ -21,6 +21,8 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path}: empty file")
     try:
         with Image.open(path) as img:
             img.load()
@@ -68,7 +70,7 @@ def ranked_rows(paths: list[str], probs: np.ndarray, classes: list[str], k: int,
         row = {"input": path, **ranked[0]}
         if k > 1:
             row["top"] = ranked
-            row["text"] = ", ".join(f"{r[key]} {r['probability']:.3f}" for r in ranked)
+            row["text"] = ", ".join(f"{r[key]} {r['probability']:.4f}" for r in ranked)
         rows.append(row)
     return rows
 

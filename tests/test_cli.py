@@ -268,3 +268,12 @@ def test_offline_tfds_error_is_the_only_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: data set 'mnist' is not prepared"), result.stderr  # no absl WARNING first
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_image_file_is_called_empty(tmp_path):
+    from dlcli.errors import UsageError
+    from dlcli.images import read_image
+
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(UsageError, match="zero.png: empty file"):
+        read_image(tmp_path / "zero.png")

@@ -56,7 +56,7 @@ def test_predict_any_image_size_colour_and_polarity(trained, cli, tmp_path):
     result = cli("predict", "mnist", light, dark, bad, "--top-k", "3", "--json", expect=2)
     rows = json.loads(result.stdout)
     assert [r["input"] for r in rows] == [str(light), str(dark), str(bad)]
-    assert rows[0]["digit"] == str(y[0]) and rows[1]["digit"] == str(y[1])
+    assert rows[0]["digit"] == y[0] and rows[1]["digit"] == y[1]
     assert len(rows[0]["top"]) == 3 and rows[0]["top"][0]["probability"] >= rows[0]["top"][1]["probability"]
     assert "notes.png: not an image" in rows[2]["error"] and "1 of 3 inputs failed" in result.stderr
 
@@ -140,3 +140,34 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cli, tmp_path, root):
     straight = (root / "mnist" / "straight" / "history.csv").read_text()
     resumed = (root / "mnist" / "killed" / "history.csv").read_text()
     assert resumed == straight
+
+
+def test_predict_json_digits_are_numbers_and_photos_get_a_note(trained, cli, tmp_path):
+    rng = np.random.default_rng(3)
+    digit = _save(render_digit(3, rng), tmp_path / "three.png", invert=True)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (12, 16), dtype=np.uint8)).resize((160, 120), Image.BICUBIC))
+    photo = tmp_path / "owl.jpg"
+    Image.fromarray(np.stack([smooth, np.roll(smooth, 9, 1), smooth // 2], -1)).save(photo)  # tones everywhere
+    rows = cli.json("predict", "mnist", digit, photo, "--top-k", "2")
+    assert isinstance(rows[0]["digit"], int) and all(isinstance(r["digit"], int) for r in rows[0]["top"])
+    assert "note" not in rows[0]
+    assert "does not look like a digit" in rows[1]["note"]
+    text = cli("predict", "mnist", digit, photo).stdout
+    assert "owl.jpg: digit" in text and "does not look like a digit" in text
+    assert "probability 0." in text and all(len(p.split()[0]) == 6 for p in text.split("probability ")[1:])  # 0.xxxx
+
+
+def test_npz_labels_out_of_range_are_one_clear_line(cli, tmp_path):
+    x, y = digit_images(2, seed=1)
+    np.savez(tmp_path / "fifty.npz", x_train=x, y_train=y * 5 + 4, x_test=x, y_test=y)
+    result = cli("train", "mnist", "--dataset", f"npz:{tmp_path / 'fifty.npz'}", *FAST, expect=2)
+    assert "y_train has labels 4-49; the model has 10 classes" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_of_another_task_is_named(trained, cli, tmp_path):
+    cli("train", "linear", "--epochs", "1", "--run", "lin", "--quiet")
+    result = cli("eval", "mnist", "--checkpoint", cli.root / "linear" / "lin" / "model.npz", expect=2)
+    assert "holds a linear model, not a mnist model" in result.stderr
+    result = cli("predict", "linear", "1,1", "--run", "tiny", "--checkpoint", cli.root / "mnist" / "tiny" / "model.keras", expect=2)
+    assert "holds a mnist model, not a linear model" in result.stderr
