@@ -564,10 +564,12 @@ def train_command(
         reporter.info(f"training [bold]{task_name}[/] -> {run.dir}")
         if strategy is not None:
             reporter.info(f"strategy {cfg['strategy']}: {strategy.num_replicas_in_sync} replicas in sync")
+        reporter.status("loading the data and building the model")  # until the first epoch's bars
         context = Context(cfg=cfg, run=run, reporter=reporter, resume=resume, strategy=strategy, resume_from=chief_run)
         metrics = task.train(context)
         run.write_metrics(metrics)
     except BaseException:
+        reporter.finish()  # the spinner or the bars, before the error line
         if new_run and run.latest_backup() is None:
             shutil.rmtree(run.dir, ignore_errors=True)  # nothing to resume: leave no half-made run
             _remove_empty_parents(run.dir, root)
@@ -602,7 +604,11 @@ def eval_command(
     run = _open_run(task_name, root, run_name, checkpoint)
     cfg = _run_config(task_name, run, {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size})
     reporter = _reporter(json_mode, quiet)
-    metrics = task.evaluate(Context(cfg=cfg, run=run, reporter=reporter, checkpoint=checkpoint))
+    reporter.status(f"evaluating {task_name} / {run.name}: loading the model and the data")
+    try:
+        metrics = task.evaluate(Context(cfg=cfg, run=run, reporter=reporter, checkpoint=checkpoint))
+    finally:
+        reporter.finish()
     reporter.table(f"{task_name} / {run.name}: evaluation", metrics)
     if json_mode:
         _emit_json({"task": task_name, "run": str(run.dir), "metrics": metrics})

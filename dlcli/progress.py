@@ -21,6 +21,9 @@ import math
 from typing import Mapping
 
 from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Column
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -48,6 +51,7 @@ class Reporter:
         self.quiet = quiet
         self.live = (console.is_terminal if live is None else live) and not quiet
         self._progress: Progress | None = None
+        self._status: Live | None = None
         self._epoch_task = None
         self._batch_task = None
         self._epochs = 0
@@ -59,22 +63,45 @@ class Reporter:
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
+    def status(self, message: str) -> None:
+        """A spinner with what is happening (loading data, building the model) until the bars start."""
+        if not self.live:
+            return
+        if self._status is None:
+            self._status = Live(Spinner("dots", text=message), console=self.console, transient=True,
+                                refresh_per_second=12.5)
+            self._status.start(refresh=True)  # at once, not a refresh later
+        else:
+            self._status.update(Spinner("dots", text=message), refresh=True)
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
     # -- training progress --------------------------------------------------------
 
     def start(self, epochs: int, initial_epoch: int = 0) -> None:
         self._epochs = epochs
+        self._stop_status()
         if not self.live:
             return
+        # Fixed-width columns never shrink; only the metrics at the end are cut (with an
+        # ellipsis) to the terminal's width. Each epoch's full metrics, validation included,
+        # are printed as a line above the bars when the epoch ends.
+        fixed = Column(no_wrap=True)
+        narrow = self.console.width < 110
         self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("<"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[logs]}"),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=9)),
+            BarColumn(bar_width=12 if narrow else 24, table_column=fixed),
+            MofNCompleteColumn(table_column=fixed),
+            TimeElapsedColumn(table_column=fixed),
+            TextColumn("<", table_column=fixed),
+            TimeRemainingColumn(table_column=fixed),
+            TextColumn("{task.fields[logs]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
             console=self.console,
             transient=False,
+            expand=True,
         )
         self._progress.start()
         self._epoch_task = self._progress.add_task(
@@ -97,14 +124,17 @@ class Reporter:
             )
 
     def end_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        if self.quiet:
+            return
+        line = f"epoch {epoch + 1}/{self._epochs}  {format_logs(logs)}"
         if self._progress:
-            self._progress.update(self._epoch_task, completed=epoch + 1, logs=format_logs(logs))
-        elif not self.quiet:
-            self.console.print(
-                f"epoch {epoch + 1}/{self._epochs}  {format_logs(logs)}", highlight=False, soft_wrap=True
-            )
+            self._progress.update(self._epoch_task, completed=epoch + 1)
+            self._progress.console.print(line, highlight=False, soft_wrap=True)  # above the bars
+        else:
+            self.console.print(line, highlight=False, soft_wrap=True)
 
     def finish(self) -> None:
+        self._stop_status()
         if self._progress:
             self._progress.stop()
             self._progress = None

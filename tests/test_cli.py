@@ -277,3 +277,32 @@ def test_an_empty_image_file_is_called_empty(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     with pytest.raises(UsageError, match="zero.png: empty file"):
         read_image(tmp_path / "zero.png")
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_live_display_stays_readable_at_80_and_120_columns(width):
+    import io
+
+    from rich.console import Console
+
+    from dlcli.progress import Reporter
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=True, color_system=None)
+    reporter = Reporter(console, live=True)
+    reporter.status("loading the data and building the model")
+    assert "loading the data" in buf.getvalue()  # something shows while data loads
+    reporter.start(20)
+    logs = {"loss": 0.12345, "accuracy": 0.98765, "val_loss": 0.23456, "val_accuracy": 0.95432, "lr": 0.00081}
+    reporter.start_epoch(0, 1563)
+    reporter.end_epoch(0, logs)
+    reporter.start_epoch(1, 1563)
+    reporter.batch(1000, {"loss": 0.2, "accuracy": 0.9, "top5_accuracy": 0.99, "another_metric": 1.5})
+    bars = Console(file=io.StringIO(), width=width, color_system=None, record=True)
+    bars.print(reporter._progress.get_renderable())
+    lines = bars.export_text().splitlines()
+    reporter.finish()
+    assert all(len(line) <= width for line in lines)
+    assert "1/20" in lines[0] and "1001/1563" in lines[1] and "0:00:00" in lines[1] and "-:--:--" in lines[1]
+    assert "loss 0.2" in lines[1]
+    assert "epoch 1/20  loss 0.1235  accuracy 0.9877  val_loss 0.2346  val_accuracy 0.9543" in buf.getvalue()
