@@ -228,3 +228,32 @@ def pick_split(available, wanted: tuple[str, ...], what: str) -> str:
         if name in available:
             return name
     raise UsageError(f"{what} has no split named {' or '.join(wanted)} (it has {', '.join(available)})")
+
+
+TEST_SPLITS = ("test", "val", "validation")
+
+
+def eval_splits(available) -> tuple[list[str], bool]:
+    """The splits `eval --dataset OTHER` scores: ([its test split], True) where it has one
+    (test, else val or validation), else (every split, False): all of it."""
+    for name in TEST_SPLITS:
+        if name in available:
+            return [name], True
+    return list(available), False
+
+
+def relabel(y: np.ndarray, names: list[str] | None, classes: list[str], what: str) -> np.ndarray:
+    """Labels of other data -> the run's class indices, matched by class name (an image folder
+    of 2 of the run's 10 classes numbers them 0 and 1); integer labels without names must lie
+    in range."""
+    y = np.asarray(y).astype(np.int64).ravel()
+    if names is None:
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            raise UsageError(f"{what} has labels {y.min()}-{y.max()}; the model has {len(classes)} classes")
+        return y
+    used = [names[i] for i in np.unique(y)]
+    unknown = [n for n in used if n not in classes]
+    if unknown:
+        raise UsageError(f"{what} has classes the model never learnt: {', '.join(unknown)} "
+                         f"(its classes: {', '.join(classes)})")
+    return np.array([classes.index(n) if n in classes else -1 for n in names], np.int64)[y]

@@ -133,6 +133,22 @@ def load_split(cfg: dict, run) -> dict:
             "train_ids": [ids[i] for i in train], "val_ids": [ids[i] for i in val]}
 
 
+def eval_faces(cfg: dict, run, other_data: bool, reporter=None) -> tuple[np.ndarray, str]:
+    """(faces, metric prefix) that `eval` scores.
+
+    On the run's own data: its held-out faces, prefix "val_". On other data (`eval --dataset
+    OTHER`, see `Context.on_other_data`): every face of it, prefix "" -- the run's seed has
+    nothing to hold out there, and the run's `limit` (a cap on its training data) does not
+    apply either.
+    """
+    if not other_data:
+        return load_split(cfg, run)["x_val"], "val_"
+    _, x = load_faces({**cfg, "limit": 0})
+    if reporter is not None:
+        reporter.info(f"evaluating all {len(x)} faces of {cfg['dataset']} (not the run's training data)")
+    return x, ""
+
+
 def folder_fingerprint(files: list[Path]) -> str:
     """A hash of names, sizes and times: a cached index is reused only for the same files."""
     digest = hashlib.sha1()

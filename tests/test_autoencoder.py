@@ -146,6 +146,27 @@ def test_train_eval_and_the_run_files(trained, cli):
     assert metrics["val_mse"] == pytest.approx(trained["metrics"]["val_mse"], rel=1e-4)
 
 
+def test_eval_on_other_data_scores_every_face(trained, cli, tmp_path):
+    """Issue 11.6: not the share the run's seed would hold out of the other folder (5 of 20)."""
+    other = make_faces(tmp_path / "other", 20, seed=7)
+    result = cli("eval", "autoencoder", "--dataset", f"folder:{other}", "--json")
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["faces"] == 20 and "val_faces" not in metrics
+    assert np.isfinite(metrics["mse"]) and metrics["mean_face_mse"] > 0
+    assert "all 20 faces" in result.stderr
+
+
+def test_eval_faces_on_other_data_ignore_the_runs_limit(face_dir, tmp_path):
+    class FakeRun:
+        path = staticmethod(lambda name: tmp_path / name)
+
+    cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{face_dir}", "limit": 10}
+    x, prefix = faces.eval_faces(cfg, FakeRun, other_data=True)
+    assert len(x) == 48 and prefix == ""
+    x, prefix = faces.eval_faces(cfg, FakeRun, other_data=False)
+    assert len(x) == 1 and prefix == "val_"  # the run's own data: its held-out 10 % of 10
+
+
 def test_predict_reconstruction_similar_and_morph(trained, cli, face_dir, tmp_path):
     a, b = sorted(face_dir.rglob("*.jpg"))[:2]
     bad = tmp_path / "notes.jpg"

@@ -148,6 +148,30 @@ def test_train_eval_predict_and_every_view(cli, root, folder, tmp_path):
     assert "--layer" in wrong.stderr
 
 
+def test_eval_on_other_data_uses_all_of_a_folder_without_a_test_split(cli, folder, tmp_path):
+    """Issue 11.6: a folder with only train/ was refused ("no split named test"); now all of it
+    is evaluated, its two classes matched to the run's three by name."""
+    from PIL import Image
+
+    cli("train", "cnn", "--dataset", f"folder:{folder}", "--epochs", "1", "--batch-size", "8",
+        "--width", "8", "--val-size", "0", "--run", "r1", "--quiet")
+    other, rng = tmp_path / "other", np.random.default_rng(3)
+    for label in (1, 2):
+        (other / "train" / CLASSES[label]).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(pattern(label, rng)).save(other / "train" / CLASSES[label] / f"{i}.png")
+    result = cli("eval", "cnn", "--run", "r1", "--dataset", f"folder:{other}", "--json")
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["examples"] == 10 and 0 <= metrics["accuracy"] <= 1 and "test_accuracy" not in metrics
+    assert "all 10 images" in result.stderr
+    _, y, _ = cnn.other_eval_split({**cnn.DEFAULTS, "dataset": f"folder:{other}"}, list(CLASSES))
+    assert sorted(set(y.tolist())) == [1, 2]  # ring and stripes keep the run's numbers
+    (other / "train" / "zigzag").mkdir()
+    Image.fromarray(pattern(0, rng)).save(other / "train" / "zigzag" / "0.png")
+    result = cli("eval", "cnn", "--run", "r1", "--dataset", f"folder:{other}", expect=2)
+    assert "never learnt: zigzag" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_cnn_refuses_other_data_kinds(cli, tmp_path):
     result = cli("train", "cnn", "--dataset", "text:" + str(tmp_path), "--epochs", "1", expect=2)
     assert "folder:PATH" in result.stderr

@@ -83,6 +83,35 @@ def test_train_writes_history_with_mmd_and_progress(trained_cli):
     assert metrics["held_out_faces"] == 12
 
 
+def test_eval_on_other_data_compares_every_face(trained_cli, tmp_path):
+    """Issue 11.6: on another folder every face takes part, not the 25 % the run's seed holds out."""
+    cli = trained_cli[0]
+    other = make_faces(tmp_path / "other", 30, seed=9)
+    result = cli("eval", "gan", "--run", "straight", "--dataset", f"folder:{other}", "--json")
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["faces"] == 30 and "held_out_faces" not in metrics
+    assert np.isfinite(metrics["mmd"]) and metrics["mmd_real"] < metrics["mmd_noise"]
+    assert "all 30 faces" in result.stderr
+
+
+def test_mmd_in_blocks_equals_the_whole_matrix(monkeypatch):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 3)).astype(np.float32), rng.normal(0.3, 1, size=(30, 3)).astype(np.float32)
+
+    def direct(x, y, sigma):
+        def k(p, q):
+            d2 = ((p[:, None] - q[None]) ** 2).sum(-1)
+            return sum(np.exp(-d2 / (2 * (s * sigma) ** 2)) for s in (0.5, 1.0, 2.0))
+        kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+        m, n = len(x), len(y)
+        return (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
+
+    whole = gan.mmd2(a, b, 1.0)  # one block
+    assert whole == pytest.approx(direct(a, b, 1.0), rel=1e-5)
+    monkeypatch.setattr(gan, "MMD_BLOCK", 7 * 40 * 3)  # blocks of 7 rows, the last one short
+    assert gan.mmd2(a, b, 1.0) == pytest.approx(whole, rel=1e-5)
+
+
 def test_resume_restores_both_optimizers(trained_cli):
     cli, straight, resumed = trained_cli
     assert resumed["metrics"] == straight["metrics"]  # same losses and MMD to the last digit

@@ -86,6 +86,22 @@ def test_regression_mode_and_npz_data(cli, tmp_path):
     assert cli.json("predict", "linear", "1,1")[0]["value"] == pytest.approx(1.5, abs=0.1)
 
 
+def test_eval_on_other_data_scores_all_of_it_or_its_test_split(cli, tmp_path):
+    """Issue 11.6: not the 20 % of the other file that the run's seed would hold out."""
+    cli("train", "linear", "--run", "a", "--epochs", "3", "--quiet")
+    x, y = linear.make_circles(150, seed=5)
+    np.savez(tmp_path / "all.npz", x_train=x, y_train=y)
+    result = cli("eval", "linear", "--dataset", f"npz:{tmp_path / 'all.npz'}", "--json")
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["points"] == 150 and 0.5 < metrics["accuracy"] <= 1 and "val_accuracy" not in metrics
+    assert "all 150 points" in result.stderr
+    np.savez(tmp_path / "split.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    metrics = cli.json("eval", "linear", "--dataset", f"npz:{tmp_path / 'split.npz'}")["metrics"]
+    assert metrics["test_points"] == 50 and "test_accuracy" in metrics
+    own = cli.json("eval", "linear")["metrics"]
+    assert own["val_points"] == 165  # the run's own data: its held-out 20 % of 826 points
+
+
 def test_resume_gives_the_same_history_as_an_uninterrupted_run(cli):
     cli("train", "linear", "--run", "straight", "--epochs", "6", "--quiet")
     cli("train", "linear", "--run", "split", "--epochs", "3", "--quiet")

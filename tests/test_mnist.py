@@ -39,6 +39,26 @@ def test_eval_matches_training_metrics(trained, cli, digits_npz):
     assert metrics["test_accuracy"] == pytest.approx(trained["metrics"]["test_accuracy"], abs=1e-6)
 
 
+def test_eval_on_other_data_uses_its_test_split_or_all_of_it(trained, cli, tmp_path):
+    """Issue 11.6: other data without a test split is evaluated whole (it was refused), and a
+    folder of some of the digits has its labels matched to the run's classes by name."""
+    x, y = digit_images(3, seed=7)
+    # an npz of x_train/y_train only: the loader evaluates all of it, but the CLI's pre-check
+    # (data.check_dataset, commit e67d01e) still asks eval for x_test/y_test, so it is tested here
+    np.savez(tmp_path / "train_only.npz", x_train=x, y_train=y)
+    images, labels, prefix = mnist.other_eval_arrays({**mnist.DEFAULTS, "dataset": f"npz:{tmp_path / 'train_only.npz'}"},
+                                                     mnist.DIGITS)
+    assert len(images) == 30 and prefix == "" and (labels == y).all()
+    folder = tmp_path / "digits"
+    for i, (img, label) in enumerate(zip(x, y)):
+        if label in (3, 7):  # two classes only: tfds would number them 0 and 1
+            (folder / "test" / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / "test" / str(label) / f"{i}.png")
+    metrics = cli.json("eval", "mnist", "--dataset", f"folder:{folder}")["metrics"]
+    assert metrics["test_examples"] == 6 and metrics["test_accuracy"] > 0.5
+    assert cli.json("eval", "mnist")["metrics"]["test_examples"] == 50  # the run's own test split
+
+
 def _save(img: np.ndarray, path, size=(90, 120), invert=False, rgb=True):
     data = 255 - img if invert else img
     pic = Image.fromarray(data.astype(np.uint8)).resize(size)

@@ -128,6 +128,34 @@ def test_eval_repeats_the_training_metrics(trained):
     assert metrics["bigram_val_bpc"] == pytest.approx(out["metrics"]["bigram_val_bpc"], rel=1e-9)
 
 
+def test_eval_on_other_data_scores_every_name(trained, tmp_path):
+    """Issue 11.6: all 30 names of another file, not the 10 % the run's seed would hold out of it."""
+    cli, _, data = trained
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(data.read_text().split()[-30:]) + "\n")
+    result = cli("eval", "names", "--dataset", f"text:{other}", "--json")
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["names"] == 30 and metrics["skipped_names"] == 0 and "val_names" not in metrics
+    assert 0 < metrics["bpc"] < metrics["bigram_bpc"] + 1
+    assert "all 30 names" in result.stderr
+
+
+def test_eval_skips_and_counts_names_with_unseen_characters(trained, tmp_path):
+    """Issue 13.8: a space or a hyphen the model never saw no longer refuses the whole file."""
+    cli, _, data = trained
+    plain = data.read_text().split()[:12]
+    other = tmp_path / "spaced.txt"
+    other.write_text("\n".join([*plain[:6], "Mary Ann", "Jean-Luc", *plain[6:], "Anne-Marie Rose"]) + "\n")
+    result = cli("eval", "names", "--dataset", f"text:{other}", "--json")
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["names"] == 12 and metrics["skipped_names"] == 3
+    assert "skipped 3 of 15 names" in result.stderr and "' -'" in result.stderr and np.isfinite(metrics["bpc"])
+    only_unseen = tmp_path / "unseen.txt"
+    only_unseen.write_text("Mary Ann\nJean-Luc\n")
+    result = cli("eval", "names", "--dataset", f"text:{only_unseen}", expect=2)
+    assert "none of its 2 names" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_predict_with_a_prefix_is_seeded_and_mostly_distinct(trained):
     cli = trained[0]
     args = ("predict", "names", "--n", "25", "--prefix", "Al", "--temperature", "0.8", "--seed", "1")

@@ -72,6 +72,18 @@ class Context:
     def model_path(self) -> Path:
         return self.checkpoint or self.run.path(get_task(self.run.task).model_file)
 
+    @property
+    def on_other_data(self) -> bool:
+        """Whether `cfg["dataset"]` names other data than the run trained on (`eval --dataset OTHER`).
+
+        Then a task evaluates all of that data (or its test split), not the part its seed
+        would have held out for validation, and says how many items it scored.
+        """
+        if not self.run.config_path.exists():
+            return False
+        trained = self.run.read_config()
+        return any(str(self.cfg.get(key)) != str(trained.get(key)) for key in ("dataset", "data_dir"))
+
 
 def common_defaults(dataset: str, epochs: int, batch_size: int, lr: float, seed: int = 42) -> dict:
     """The keys every task's config has, with the task's own values."""

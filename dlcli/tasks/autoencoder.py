@@ -128,13 +128,17 @@ def train(ctx: Context) -> dict:
 
 
 def evaluate(ctx: Context) -> dict:
-    """MSE on the run's held-out faces, and the MSE of predicting the mean face, for scale."""
+    """MSE on the run's held-out faces, and the MSE of predicting the mean face, for scale.
+
+    On other data (`--dataset OTHER`) every face of it, as `mse`, `mean_face_mse`, `faces`.
+    """
     model = load(ctx)
-    x_val = scale(faces.load_split(ctx.cfg, ctx.run)["x_val"])
-    recon = model.predict(x_val, batch_size=256, verbose=0)
-    return {"val_mse": float(np.mean((recon - x_val) ** 2)),
-            "mean_face_mse": float(np.mean((x_val - x_val.mean(0)) ** 2)),
-            "val_faces": int(len(x_val))}
+    x, prefix = faces.eval_faces(ctx.cfg, ctx.run, ctx.on_other_data, ctx.reporter)
+    x = scale(x)
+    recon = model.predict(x, batch_size=256, verbose=0)
+    return {f"{prefix}mse": float(np.mean((recon - x) ** 2)),
+            "mean_face_mse": float(np.mean((x - x.mean(0)) ** 2)),
+            f"{prefix}faces": int(len(x))}
 
 
 # -- predict ------------------------------------------------------------------------------

@@ -89,6 +89,10 @@ def load_split(cfg: dict, which: str) -> tuple[np.ndarray, np.ndarray, list[str]
     """
     builder, train_split, test_split, classes = _source(cfg)
     split = train_split if which == "train" else test_split
+    return (*_read_split(builder, split, cfg), classes)
+
+
+def _read_split(builder, split: str, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     ds = ds.map(lambda ex: (_decode(ex["image"]), ex["label"]), num_parallel_calls=tf.data.AUTOTUNE)
     xs, ys = [], []
@@ -97,7 +101,23 @@ def load_split(cfg: dict, which: str) -> tuple[np.ndarray, np.ndarray, list[str]
         ys.append(y)
     if not xs:
         raise UsageError(f"--dataset {cfg['dataset']!r}: the {split} split has no images")
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), classes
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
+def other_eval_split(cfg: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, metric prefix) of other data (`eval --dataset OTHER`): its test split
+    ("test_": test, else val or validation) where it has one, else every split (""). Labels
+    are matched to the run's classes by name, so a folder of some of its classes works."""
+    kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "folder"))
+    builder = data_lib.image_folder(value) if kind == "folder" else data_lib.tfds_builder(value, cfg["data_dir"])
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise UsageError(f"--dataset {cfg['dataset']!r} has no image and label features")
+    splits, held_out = data_lib.eval_splits(list(builder.info.splits.keys()))
+    parts = [_read_split(builder, split, cfg) for split in splits]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    y = data_lib.relabel(y, list(features["label"].names), classes, cfg["dataset"])
+    return x, y, "test_" if held_out else ""
 
 
 def scale(x):
@@ -288,8 +308,17 @@ def _test_predictions(ctx: Context):
 
 
 def evaluate(ctx: Context) -> dict:
-    _, _, y, probs, plain = _test_predictions(ctx)
-    return {**accuracy_metrics(y, probs, plain), "test_examples": int(len(y))}
+    """Loss and accuracy on the test split; on other data (`--dataset OTHER`) on its test
+    split, or on all of it where it has none (then without the `test_` prefix)."""
+    if not ctx.on_other_data:
+        _, _, y, probs, plain = _test_predictions(ctx)
+        return {**accuracy_metrics(y, probs, plain), "test_examples": int(len(y))}
+    model = _load(ctx)
+    x, y, prefix = other_eval_split(ctx.cfg, _classes(ctx))
+    what = "test images" if prefix else "images"
+    ctx.reporter.info(f"evaluating all {len(x)} {what} of {ctx.cfg['dataset']} (not the run's training data)")
+    metrics = accuracy_metrics(y, *predict_probabilities(model, x, ctx.cfg["tta"]))
+    return {**{prefix + k.removeprefix("test_"): v for k, v in metrics.items()}, f"{prefix}examples": int(len(y))}
 
 
 # -- predict ------------------------------------------------------------------------------

@@ -191,17 +191,29 @@ def features(x: np.ndarray, fmap: dict) -> np.ndarray:
     return (_half(x) - fmap["mean"]) @ fmap["basis"].T
 
 
+MMD_BLOCK = 1 << 24  # pairwise feature differences held at once by mmd2 (64 MB of float32)
+
+
 def mmd2(a: np.ndarray, b: np.ndarray, sigma: float) -> float:
     """Unbiased MMD^2 with a sum of Gaussian kernels at 0.5, 1 and 2 times sigma (0 for equal
-    distributions; it can come out slightly negative)."""
-    def kernel(x, y):
-        d2 = ((x[:, None] - y[None]) ** 2).sum(-1)
-        return sum(np.exp(-d2 / (2 * (s * sigma) ** 2)) for s in (0.5, 1.0, 2.0))
+    distributions; it can come out slightly negative).
 
-    kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
+    The kernel matrices are summed in blocks of rows (about 16M differences at a time), so
+    `eval --dataset OTHER` can compare thousands of faces; up to ~1,000 rows, as in training,
+    it is one block."""
+    def kernel(x, y) -> tuple[float, float]:  # (sum of the kernel matrix, its trace)
+        rows = max(1, MMD_BLOCK // max(1, len(y) * x.shape[1]))
+        total = trace = 0.0
+        for i in range(0, len(x), rows):
+            d2 = ((x[i: i + rows, None] - y[None]) ** 2).sum(-1)
+            k = sum(np.exp(-d2 / (2 * (s * sigma) ** 2)) for s in (0.5, 1.0, 2.0))
+            total += k.sum()
+            trace += np.trace(k, offset=i)
+        return total, trace
+
+    (saa, taa), (sbb, tbb), (sab, _) = kernel(a, a), kernel(b, b), kernel(a, b)
     m, n = len(a), len(b)
-    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
-                 - 2 * kab.mean())
+    return float((saa - taa) / (m * (m - 1)) + (sbb - tbb) / (n * (n - 1)) - 2 * sab / (m * n))
 
 
 def latent(n: int, seed: int | None, code_size: int) -> np.ndarray:
@@ -360,16 +372,25 @@ def train(ctx: Context) -> dict:
 
 
 def evaluate(ctx: Context) -> dict:
-    """MMD^2 of fresh samples against the run's held-out faces, beside the two references."""
+    """MMD^2 of fresh samples against the run's held-out faces, beside the two references.
+
+    On other data (`--dataset OTHER`) every face of it takes part, in a seeded random order:
+    one half is the reference the samples are compared with, the other half gives `mmd_real`
+    (no `mmd_samples` cap); the count is `faces` instead of `held_out_faces`.
+    """
     generator = training.load_model(ctx.model_path, "gan")
     path = ctx.run.path(FEATURES_FILE)
     if not path.exists():
         raise UsageError(f"run {ctx.run.dir} has no {FEATURES_FILE}; it was not trained by this version")
     with np.load(path) as data:
         fmap = {k: data[k] for k in data.files}
-    x_val = scale(faces.load_split(ctx.cfg, ctx.run)["x_val"])
-    result = Quality(x_val, fmap, ctx.cfg["mmd_samples"], ctx.cfg["seed"])(generator)
-    return {**result, "held_out_faces": int(len(x_val))}
+    other = ctx.on_other_data
+    x, _ = faces.eval_faces(ctx.cfg, ctx.run, other, ctx.reporter)
+    if other:
+        x = x[np.random.default_rng(ctx.cfg["seed"]).permutation(len(x))]
+    samples = len(x) if other else ctx.cfg["mmd_samples"]
+    result = Quality(scale(x), fmap, samples, ctx.cfg["seed"])(generator)
+    return {**result, ("faces" if other else "held_out_faces"): int(len(x))}
 
 
 # -- predict ------------------------------------------------------------------------------

@@ -78,6 +78,30 @@ def load_data(cfg: dict) -> dict:
     return {"x_train": x[train], "y_train": y[train], "x_val": x[val], "y_val": y[val]}
 
 
+def eval_points(cfg: dict, other_data: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(points, targets, metric prefix) that `eval` scores.
+
+    The run's own data: its validation points ("val_"). Other data (`eval --dataset OTHER`):
+    the npz's test arrays where it has them ("test_"), else every point of it (""); the
+    generated circles: all `n_points` of them.
+    """
+    if not other_data:
+        data = load_data(cfg)
+        return data["x_val"], data["y_val"], "val_"
+    if cfg["dataset"] == "circles":
+        return (*make_circles(cfg["n_points"], cfg["seed"] or 0), "")
+    _, path = data_lib.parse_dataset(cfg["dataset"], allowed=("npz",))
+    arrays = data_lib.load_npz(path, keys=())
+    for xk, yk, prefix in (("x_test", "y_test", "test_"), ("x_train", "y_train", "")):
+        if xk in arrays and yk in arrays:
+            x, y = arrays[xk].astype(np.float64), arrays[yk].astype(np.float64).ravel()
+            if x.ndim != 2 or x.shape[1] != 2 or len(x) != len(y):
+                raise UsageError(f"{path}: {xk} must be (N, 2) points and {yk} (N,) targets")
+            return x, y, prefix
+    raise UsageError(f"{path} has neither x_test and y_test nor x_train and y_train "
+                     f"(it has {', '.join(arrays) or 'no arrays'})")
+
+
 def expand(x: np.ndarray, features: str = "quadratic") -> np.ndarray:
     """[x0, x1, x0^2, x1^2, x0*x1, 1] (quadratic) or [x0, x1, 1] (linear)."""
     x = np.asarray(x, dtype=np.float64)
@@ -286,8 +310,12 @@ def raise_nan(epoch: int, run) -> None:
 def evaluate(ctx: Context) -> dict:
     w, meta = load_model(ctx.model_path)
     cfg = {**ctx.cfg, **meta}
-    data = load_data(cfg)
-    return _metrics(w, expand(data["x_val"], cfg["features"]), data["y_val"], cfg, "val_")
+    other = ctx.on_other_data
+    x, y, prefix = eval_points(cfg, other)
+    if other:
+        what = "test points" if prefix else "points"
+        ctx.reporter.info(f"evaluating all {len(x)} {what} of {cfg['dataset']} (not the run's training data)")
+    return {**_metrics(w, expand(x, cfg["features"]), y, cfg, prefix), f"{prefix}points": int(len(x))}
 
 
 def _parse_point(text: str) -> np.ndarray:

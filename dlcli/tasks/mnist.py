@@ -43,18 +43,19 @@ DIGITS = [str(d) for d in range(10)]
 # -- data -------------------------------------------------------------------------------
 
 
+def _folder_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split of an image folder as grey 28x28 uint8 images and int labels."""
+    ds = builder.as_dataset(split=split, as_supervised=True)
+    ds = ds.map(lambda x, y: (tf.image.resize(tf.image.rgb_to_grayscale(x[..., :3]) if x.shape[-1] != 1 else x, (28, 28)), y),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    xs, ys = zip(*[(x, y) for x, y in ds.batch(4096).as_numpy_iterator()])
+    return np.concatenate(xs)[..., 0].astype(np.uint8), np.concatenate(ys)
+
+
 def _folder_arrays(path: str) -> dict:
     builder, train_split, test_split = data_lib.folder_splits(path)
-
-    def arrays(split):
-        ds = builder.as_dataset(split=split, as_supervised=True)
-        ds = ds.map(lambda x, y: (tf.image.resize(tf.image.rgb_to_grayscale(x[..., :3]) if x.shape[-1] != 1 else x, (28, 28)), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-        xs, ys = zip(*[(x, y) for x, y in ds.batch(4096).as_numpy_iterator()])
-        return np.concatenate(xs)[..., 0].astype(np.uint8), np.concatenate(ys)
-
-    x_train, y_train = arrays(train_split)
-    x_test, y_test = arrays(test_split)
+    x_train, y_train = _folder_split(builder, train_split)
+    x_test, y_test = _folder_split(builder, test_split)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
             "classes": builder.info.features["label"].names}
 
@@ -167,12 +168,50 @@ def _test_predictions(ctx: Context):
     return model, arrays, probs
 
 
+def other_eval_arrays(cfg: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, metric prefix) of other data (`eval --dataset OTHER`): its test split
+    ("test_": npz x_test/y_test, a folder's test/ or val/, a tfds "test") where it has one,
+    else all of it (""). Labels are matched to the run's classes by name."""
+    kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "npz", "folder"))
+    if kind == "npz":
+        arrays = data_lib.load_npz(value, keys=())
+        for xk, yk, prefix in (("x_test", "y_test", "test_"), ("x_train", "y_train", "")):
+            if xk in arrays and yk in arrays:
+                x, y, names = arrays[xk], arrays[yk], None
+                break
+        else:
+            raise UsageError(f"{value} has neither x_test and y_test nor x_train and y_train "
+                             f"(it has {', '.join(arrays) or 'no arrays'})")
+    else:
+        builder = data_lib.image_folder(value) if kind == "folder" else data_lib.tfds_builder(value, cfg["data_dir"])
+        splits, held_out = data_lib.eval_splits(list(builder.info.splits.keys()))
+        if kind == "folder":
+            parts = [_folder_split(builder, split) for split in splits]
+        else:
+            parts = [(x[..., 0], y) for x, y in (data_lib.tfds_arrays(value, s, cfg["data_dir"]) for s in splits)]
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        names, prefix = builder.info.features["label"].names, "test_" if held_out else ""
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise UsageError(f"{cfg['dataset']}: the images must be 28x28, got shape {x.shape}")
+    return x, data_lib.relabel(y, names, classes, cfg["dataset"]), prefix
+
+
 def evaluate(ctx: Context) -> dict:
-    model, arrays, probs = _test_predictions(ctx)
-    y = arrays["y_test"]
+    """Loss and accuracy on the test split; on other data (`--dataset OTHER`) on its test
+    split, or on all of it where it has none (then without the `test_` prefix)."""
+    if ctx.on_other_data:
+        model = training.load_model(ctx.model_path, "mnist")
+        x, y, prefix = other_eval_arrays(ctx.cfg, _classes(ctx))
+        what = "test images" if prefix else "images"
+        ctx.reporter.info(f"evaluating all {len(x)} {what} of {ctx.cfg['dataset']} (not the run's training data)")
+        probs = model.predict(scale(x), batch_size=1024, verbose=0)
+    else:
+        model, arrays, probs = _test_predictions(ctx)
+        y, prefix = arrays["y_test"], "test_"
     eps = 1e-7
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], eps, 1))))
-    return {"test_loss": loss, "test_accuracy": float(np.mean(probs.argmax(1) == y)), "test_examples": int(len(y))}
+    return {f"{prefix}loss": loss, f"{prefix}accuracy": float(np.mean(probs.argmax(1) == y)),
+            f"{prefix}examples": int(len(y))}
 
 
 # -- predict ------------------------------------------------------------------------------
