@@ -49,7 +49,8 @@ def image_grid(
     n = max(len(images), 1)
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile_inches, rows * (tile_inches + 0.25)), squeeze=False)
+    lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles else 0
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile_inches, rows * (tile_inches + 0.1 + 0.13 * lines)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
@@ -97,13 +98,23 @@ def training_curves(ctx: Context) -> Path:
     names = [k for k in rows[0] if k not in ("epoch", "phase") and not k.startswith("val_")]
     names = [k for k in names if isinstance(rows[0][k], (int, float))]
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False, layout="constrained")
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
     epochs = list(range(1, len(rows) + 1)) if len(set(epochs)) < len(epochs) else epochs
+    marker = "o" if len(rows) <= 30 else None
     for ax, name in zip(axes.flat, names):
-        ax.plot(epochs, [r[name] for r in rows], marker="o", label="train")
-        if f"val_{name}" in rows[0]:
-            ax.plot(epochs, [r[f"val_{name}"] for r in rows], marker="o", label="validation")
+        values = [r[name] for r in rows]
+        has_val = f"val_{name}" in rows[0]
+        ax.plot(epochs, values, marker=marker, label="train")
+        if has_val:
+            ax.plot(epochs, [r[f"val_{name}"] for r in rows], marker=marker, label="validation")
+            ax.legend(fontsize=8)  # only where there are two lines to tell apart
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, also on short runs
+        finite = [abs(v) for v in values if isinstance(v, (int, float)) and v == v and v != 0]
+        if finite and max(finite) < 1e-2:  # a learning rate: 8.1e-04, not 0.000810 running into the next plot
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}"))
         phases = [r.get("phase") for r in rows]
         for i in range(1, len(phases)):
             if phases[i] != phases[i - 1]:
@@ -111,8 +122,7 @@ def training_curves(ctx: Context) -> Path:
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{ctx.run.task} / {ctx.run.name}", y=1.04)
+    fig.suptitle(f"{ctx.run.task} / {ctx.run.name}")
     return save_figure(fig, ctx.out or ctx.run.views_path("training-curves"))
 
 

@@ -367,9 +367,19 @@ def view_boundary(ctx: Context) -> Path:
     zz = predict_values(w, expand(grid, meta["features"]), meta["mode"]).reshape(xx.shape)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    cs = ax.contourf(xx, yy, zz, levels=20, cmap="RdBu_r", alpha=0.8)
+    cs = ax.contourf(xx, yy, zz, levels=20, cmap="RdBu_r", alpha=0.55)
     fig.colorbar(cs, ax=ax, label="P(y=1)" if meta["mode"] == "logistic" else "prediction")
-    ax.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", edgecolors="k", s=14)
+    # The points in colours the background never takes: white and black, each edged with the
+    # other, so both classes stand out on both the red and the blue side.
+    if meta["mode"] == "logistic":
+        ax.contour(xx, yy, zz, levels=[0.5], colors="k", linewidths=1.2)
+        for label, face, edge, marker in ((0, "white", "black", "o"), (1, "black", "white", "^")):
+            mask = y == label
+            ax.scatter(x[mask, 0], x[mask, 1], c=face, edgecolors=edge, linewidths=0.6, s=18, marker=marker,
+                       label=f"y = {label}")
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    else:
+        ax.scatter(x[:, 0], x[:, 1], c=y, cmap="viridis", edgecolors="white", linewidths=0.6, s=18)
     ax.set_title(f"linear / {ctx.run.name}: {meta['mode']}, {meta['features']} features")
     return save_figure(fig, ctx.out or ctx.run.views_path("linear-boundary"))
 

@@ -307,6 +307,11 @@ def view_confusion(ctx: Context) -> Path:
                           f"mnist / {ctx.run.name}: test accuracy {acc:.4f}")
 
 
+def error_caption(true: str, pred: str, probability: float) -> str:
+    """Two short lines, so that eight captions side by side never run into each other."""
+    return f"true {true}\npred {pred} ({probability:.2f})"
+
+
 def view_errors(ctx: Context) -> Path:
     from dlcli.plots import image_grid
 
@@ -315,7 +320,7 @@ def view_errors(ctx: Context) -> Path:
     pred = probs.argmax(1)
     wrong = np.nonzero(pred != arrays["y_test"])[0]
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ctx.options["n"]]
-    titles = [f"true {classes[arrays['y_test'][i]]} / pred {classes[pred[i]]} {probs[i, pred[i]]:.2f}" for i in wrong]
+    titles = [error_caption(classes[arrays["y_test"][i]], classes[pred[i]], probs[i, pred[i]]) for i in wrong]
     return image_grid([arrays["x_test"][i] for i in wrong], ctx.out or ctx.run.views_path("mnist-errors"),
                       titles=titles, cols=8, suptitle=f"mnist / {ctx.run.name}: {len(np.nonzero(pred != arrays['y_test'])[0])} test errors, most confident first")
 
