@@ -29,6 +29,25 @@ class Interrupted(DlcliError):
         self.exit_code = EXIT_CODES.get(signal_name, 130)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no training loop handles it (start-up, the final evaluation): it unwinds
+    like Ctrl-C, through every `finally`, and the CLI exits 143 with one line."""
+
+    exit_code = 143
+
+
+def _terminate(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+def stop_by_exception() -> None:
+    """For the whole CLI process: Ctrl-C raises KeyboardInterrupt and SIGTERM `Terminated`,
+    so a signal outside `StopOnSignal` still ends in a one-line message, never a silent -15."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 class StopOnSignal:
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
         self.signals = signals

@@ -11,6 +11,11 @@
 
 Every file is written atomically (temporary file, fsync, rename), so a crash or a full
 disk leaves either the old complete file or the new complete one.
+
+The crash test's hook: with DLCLI_FAULT_AT=N in the environment, the process kills itself
+(SIGKILL) at the N-th write, fsync, rename or delete of a run's files (`fault_point`);
+DLCLI_FAULT_TRACE=FILE appends one line per such point to FILE, which is how a test learns
+how many points a run has.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,6 +39,29 @@ from dlcli.errors import RunError, UsageError
 
 DEFAULT_ROOT = Path("checkpoints")
 KEEP_BACKUPS = 2
+MAX_NAME = 100  # run names: file names stay far below every file system's limit
+
+_fault_count = 0
+
+
+def fault_point(kind: str, path: Path | str) -> None:
+    """One write, fsync, rename or delete of a run's files: where DLCLI_FAULT_AT=N kills the
+    process at the N-th such point (and DLCLI_FAULT_TRACE=FILE records each point)."""
+    global _fault_count
+    at, trace = os.environ.get("DLCLI_FAULT_AT"), os.environ.get("DLCLI_FAULT_TRACE")
+    if not at and not trace:
+        return
+    _fault_count += 1
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(f"{_fault_count} {kind} {path}\n")
+    if at and _fault_count == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _describe_os_error(exc: OSError, path: Path) -> str:
@@ -49,9 +79,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fault_point("write", tmp)
+        fsync_file(tmp)
+        fault_point("fsync", tmp)
         os.replace(tmp, path)
+        # rename() does nothing where tmp and path are already hard links of one file
+        # (link_or_copy of a model file a killed run had put in place): remove tmp then.
+        tmp.unlink(missing_ok=True)
+        fault_point("rename", path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise RunError(_describe_os_error(exc, path)) from None
@@ -104,7 +139,20 @@ class Run:
 
     @classmethod
     def create(cls, root: Path, task: str, name: str | None = None) -> "Run":
-        name = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        """A new run directory; without a name, a time stamp made unique by a suffix
+        (-2, -3, ...) when runs start in the same second (mkdir decides, so no race)."""
+        if name is None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for i in range(1, 1000):
+                directory = Path(root) / task / (stamp if i == 1 else f"{stamp}-{i}")
+                try:
+                    directory.mkdir(parents=True)
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise RunError(_describe_os_error(exc, directory)) from None
+                return cls(task, directory)
+            raise RunError(f"cannot find a free run name for {stamp} in {Path(root) / task}; pass --run NAME")
         _check_name(name)
         directory = Path(root) / task / name
         if directory.exists() and any(directory.iterdir()):
@@ -157,8 +205,12 @@ class Run:
     # -- locking --------------------------------------------------------------
 
     def lock(self) -> "Run":
-        """Refuse a second process on the same run directory."""
-        fh = open(self.dir / ".lock", "a+")
+        """Refuse a second process on the same run directory; then remove the temporary
+        files a killed process left (holding the lock, no one else is writing them)."""
+        try:
+            fh = open(self.dir / ".lock", "a+")
+        except OSError as exc:
+            raise RunError(_describe_os_error(exc, self.dir / ".lock")) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -171,7 +223,17 @@ class Run:
         fh.write(f"pid {os.getpid()}")
         fh.flush()
         self._lock_fh = fh
+        self.remove_leftovers()
         return self
+
+    def remove_leftovers(self) -> None:
+        """Temporary files (`.NAME.tmp-PID`) and checkpoint directories a killed process left."""
+        for folder in (self.dir, self.views_dir):
+            for leftover in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        if self.backup_dir.is_dir():
+            for leftover in self.backup_dir.glob(".*"):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def unlock(self) -> None:
         if self._lock_fh:
@@ -244,6 +306,15 @@ class Run:
         done = sorted(d for d in self.backup_dir.glob("epoch-*") if (d / "state.json").exists())
         return done[-1] if done else None
 
+    def refuse_if_done(self, epochs_done: int, epochs: int) -> None:
+        """On --resume: refuse a run with no epoch left to train, except one that was stopped
+        after its last checkpoint and before its final metrics (resuming finishes it)."""
+        if epochs_done < epochs or (epochs_done == epochs and not self.finished):
+            return
+        raise UsageError(
+            f"run {self.dir} has already done {epochs_done} epochs; pass --epochs N with N > {epochs_done} to train on"
+        )
+
     def read_backup_state(self, backup: Path) -> dict:
         try:
             return json.loads((backup / "state.json").read_text())
@@ -269,13 +340,19 @@ class Run:
             tmp.mkdir(parents=True)
             for file_name, write in files.items():
                 write(tmp / file_name)
+                fault_point("write", tmp / file_name)
+                fsync_file(tmp / file_name)
+                fault_point("fsync", tmp / file_name)
             with open(tmp / "state.json", "w") as fh:
                 json.dump(state, fh)
                 fh.flush()
+                fault_point("write", tmp / "state.json")
                 os.fsync(fh.fileno())
+            fault_point("fsync", tmp / "state.json")
             if final.exists():
                 self._discard(final)
             os.replace(tmp, final)
+            fault_point("rename", final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
@@ -291,10 +368,15 @@ class Run:
         visible half-deleted directory, only a hidden one that the next save removes."""
         trash = checkpoint.with_name(f".trash-{checkpoint.name}-{os.getpid()}")
         os.replace(checkpoint, trash)
+        fault_point("rename", trash)
         shutil.rmtree(trash, ignore_errors=True)
+        fault_point("delete", trash)
 
     def views_path(self, view: str, suffix: str = ".png") -> Path:
-        self.views_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.views_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(_describe_os_error(exc, self.views_dir)) from None
         return self.views_dir / f"{view}{suffix}"
 
 
@@ -308,9 +390,14 @@ def _number(text: str) -> Any:
             return text
 
 
+_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
 def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or name in ("..",):
-        raise UsageError(f"invalid run name {name!r}: use letters, digits, '-', '_' and '.'")
+    if not _NAME.fullmatch(name or "") or len(name) > MAX_NAME:
+        shown = name if len(name or "") <= 40 else name[:40] + "..."
+        raise UsageError(f"invalid run name {shown!r}: use up to {MAX_NAME} letters, digits, '-', '_' and '.', "
+                         "not starting with '.'")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -181,7 +181,36 @@ def restore_seed_states(model, states: list[list[int]]) -> None:
         gen.state.assign(np.array(state, dtype=gen.state.dtype))
 
 
-# The running mean loss stays NaN once a step made it so: checking every few steps is enough.
+def metric_states(model) -> list:
+    """The running sums of the model's metrics (loss and metric totals and counts) inside an
+    epoch: a mid-epoch checkpoint keeps them, so the resumed epoch's history row covers all
+    of its steps, not only those after the resume."""
+    return [v.numpy().tolist() for v in model.metrics_variables]
+
+
+def add_metric_states(model, states: list) -> None:
+    """Add a checkpoint's running sums to the metrics after the resumed epoch's first step
+    (Keras builds the compiled metrics' variables in that step). The states are totals and
+    counts, and a + b == b + a in floating point, so the sums come out exactly as if the
+    epoch had not been interrupted."""
+    import numpy as np
+
+    variables = model.metrics_variables
+    if len(variables) != len(states):
+        return  # a checkpoint of an older version: the epoch's figures cover the resumed steps only
+    for variable, value in zip(variables, states):
+        variable.assign(variable + np.asarray(value, dtype=variable.dtype))
+
+
+def all_finite(model) -> bool:
+    """Whether every weight of the model is finite (no checkpoint is written otherwise)."""
+    import numpy as np
+
+    return all(np.isfinite(v.numpy()).all() for v in model.weights)
+
+
+# The running mean loss stays NaN once a step made it so: checking every few steps is enough
+# (and at every step that saves a checkpoint).
 NAN_CHECK_EVERY = 20
 
 
@@ -200,24 +229,28 @@ class StepWatcher:
                 reporter.start_epoch(epoch, steps)
 
             def on_train_batch_end(self, batch, logs=None):
+                if watcher.metric_states is not None:  # the running sums of a mid-epoch checkpoint
+                    add_metric_states(self.model, watcher.metric_states)
+                    watcher.metric_states = None
                 done = watcher.skipped + batch + 1
                 last_step = steps is not None and done >= steps
+                saving = not last_step and (stop.requested or bool(save_every and done % save_every == 0))
                 # Reading a metric waits for the step to finish: do it only where it is needed.
-                if reporter.live or last_step or done % NAN_CHECK_EVERY == 0:
+                if reporter.live or last_step or saving or done % NAN_CHECK_EVERY == 0:
                     values = {k: float(v) for k, v in (logs or {}).items()}
-                    if not math.isfinite(values.get("loss", 0.0)):
+                    if not math.isfinite(values.get("loss", 0.0)) or (saving and not all_finite(self.model)):
                         watcher.bad_loss_at = (watcher.epoch, done)
                         self.model.stop_training = True
                         return
                     reporter.batch(done - 1, values)
-                if stop.requested and not last_step:
-                    watcher.stopped_at = (watcher.epoch, done)
-                    self.model.stop_training = True
-                    save_mid_epoch(watcher.epoch, done)
-                elif save_every and done % save_every == 0 and not last_step:
+                if saving:
+                    if stop.requested:
+                        watcher.stopped_at = (watcher.epoch, done)
+                        self.model.stop_training = True
                     save_mid_epoch(watcher.epoch, done)
 
         self.skipped = 0
+        self.metric_states = None
         self.stop = stop
         self.callback = _Callback()
 
@@ -241,13 +274,24 @@ class StepWatcher:
         if epoch_done is not None and self.stop.requested:
             raise Interrupted(name, f"stopped by {name} after epoch {epoch_done}; progress saved; {resume}")
 
-    def data_for(self, epoch: int, start: int, skip: int, data, model, states):
+    def check_finite(self, model, run) -> None:
+        """Before an epoch-end checkpoint: refuse to save non-finite weights."""
+        if not all_finite(model):
+            kept = run.latest_backup()
+            raise RunError(
+                f"the weights became NaN or infinite in epoch {self.epoch + 1}; "
+                + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
+                + " (try a lower --lr)"
+            )
+
+    def data_for(self, epoch: int, start: int, skip: int, data, model, states, metrics=None):
         """The epoch's data, less the batches a mid-epoch checkpoint had already trained on
-        (whose random layers' states it restores); sets `skipped` for the step count."""
+        (whose random layers' states and metric sums it restores); sets `skipped`."""
         self.skipped = skip if epoch == start else 0
         if not self.skipped:
             return data
         restore_seed_states(model, states or [])
+        self.metric_states = metrics
         return data.skip(self.skipped)
 
 
@@ -289,6 +333,7 @@ class ResumePoint:
     steps_done: int = 0  # batches of epoch `epochs_done + 1` already trained (a mid-epoch checkpoint)
     history: list = dataclasses.field(default_factory=list)
     seed_states: list | None = None
+    metric_states: list | None = None  # the running sums of the interrupted epoch's metrics
 
 
 def resume_point(ctx) -> ResumePoint:
@@ -300,13 +345,13 @@ def resume_point(ctx) -> ResumePoint:
         return ResumePoint()
     state = source.read_backup_state(backup)
     point = ResumePoint(backup, state["epochs_done"], state.get("steps_done", 0), state["history"],
-                        state.get("seed_states"))
+                        state.get("seed_states"), state.get("metric_states"))
     start, skip = point.epochs_done, point.steps_done
+    source.refuse_if_done(start, ctx.cfg["epochs"])
     if start >= ctx.cfg["epochs"]:
-        raise UsageError(
-            f"run {ctx.run.dir} has already done {start} epochs; pass --epochs N with N > {start} to train on"
-        )
-    ctx.reporter.info(f"resuming {ctx.run.dir} after epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else ""))
+        ctx.reporter.info(f"{ctx.run.dir} had trained all {start} epochs when it stopped; finishing it")
+    else:
+        ctx.reporter.info(f"resuming {ctx.run.dir} after epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else ""))
     return point
 
 
@@ -364,7 +409,7 @@ def fit(
 
     def save_mid_epoch(epoch: int, steps_done: int) -> None:
         run.save_backup(epoch, history, {"model.keras": model.save}, steps_done=steps_done,
-                        extra={"seed_states": seed_states(model)})
+                        extra={"seed_states": seed_states(model), "metric_states": metric_states(model)})
 
     build_before_fit(model, ctx.strategy, train_data(start))
     tensorboard = keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)
@@ -374,7 +419,7 @@ def fit(
         try:
             for epoch in range(start, epochs):
                 reseed_model(model, seed, epoch)
-                data = watcher.data_for(epoch, start, skip, train_data(epoch), model, states)
+                data = watcher.data_for(epoch, start, skip, train_data(epoch), model, states, point.metric_states)
                 steps = steps_per_epoch - watcher.skipped if steps_per_epoch else None
                 try:
                     result = model.fit(
@@ -396,6 +441,7 @@ def fit(
                         f"{(ctx.resume_from or run).latest_backup()}; start every worker again with --resume"
                     ) from None
                 watcher.raise_if_stopped(run)
+                watcher.check_finite(model, run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 history.append({"epoch": epoch + 1, **logs})
                 run.save_backup(epoch + 1, history, {"model.keras": model.save})
@@ -404,5 +450,7 @@ def fit(
                 watcher.raise_if_stopped(run, epoch_done=epoch + 1)
         finally:
             reporter.finish()
+    if start >= epochs:  # stopped after its last checkpoint: history.csv may lack the last row
+        run.write_history(history)
     link_or_copy(run.latest_backup() / "model.keras", run.path(model_file))
     return model, history

@@ -337,7 +337,7 @@ def train(ctx: Context) -> dict:
 
     def save_mid_epoch(epoch: int, steps_done: int) -> None:
         run.save_backup(epoch, history, networks(), steps_done=steps_done,
-                        extra={"seed_states": training.seed_states(gan)})
+                        extra={"seed_states": training.seed_states(gan), "metric_states": training.metric_states(gan)})
 
     reporter.start(cfg["epochs"], initial_epoch=start)
     with StopOnSignal() as stop:
@@ -345,13 +345,14 @@ def train(ctx: Context) -> dict:
         try:
             for epoch in range(start, cfg["epochs"]):
                 training.reseed_model(gan, cfg["seed"], epoch)
-                data = watcher.data_for(epoch, start, skip, train_data(epoch), gan, states)
+                data = watcher.data_for(epoch, start, skip, train_data(epoch), gan, states, point.metric_states)
                 result = gan.fit(data, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - watcher.skipped,
                                  callbacks=[watcher.callback], shuffle=False, verbose=0)
                 watcher.raise_if_stopped(run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 if not all(np.isfinite(list(logs.values()))):
                     raise RunError(f"the GAN's losses became NaN or infinite in epoch {epoch + 1} (try a lower --lr)")
+                watcher.check_finite(gan, run)
                 logs.update(quality(gan.generator))
                 history.append({"epoch": epoch + 1, **logs})
                 progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
@@ -362,6 +363,8 @@ def train(ctx: Context) -> dict:
                 watcher.raise_if_stopped(run, epoch_done=epoch + 1)
         finally:
             reporter.finish()
+    if start >= cfg["epochs"]:  # stopped after its last checkpoint: history.csv may lack the last row
+        run.write_history(history)
     last = run.latest_backup()
     for name in (GENERATOR_FILE, DISCRIMINATOR_FILE):
         link_or_copy(last / name, run.path(name))

@@ -260,9 +260,8 @@ def train(ctx: Context) -> dict:
             opt.state = {k[4:]: f[k] for k in f.files if k.startswith("opt_")}
         state = run.read_backup_state(backup)
         start, history = state["epochs_done"], state["history"]
+        run.refuse_if_done(start, cfg["epochs"])
         reporter.info(f"resuming {run.dir} after epoch {start}")
-    if start >= cfg["epochs"]:
-        raise UsageError(f"run {run.dir} has already done {start} epochs; pass --epochs N with N > {start}")
     reporter.start(cfg["epochs"], initial_epoch=start)
     with StopOnSignal() as stop:
         try:
@@ -270,6 +269,8 @@ def train(ctx: Context) -> dict:
                 _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop)
         finally:
             reporter.finish()
+    if start >= cfg["epochs"]:  # stopped after its last checkpoint: history.csv may lack the last row
+        run.write_history(history)
     link_or_copy(run.latest_backup() / "model.npz", run.path("model.npz"))
     return {k: v for k, v in history[-1].items() if k != "epoch"}
 
