@@ -81,7 +81,9 @@ def check_dataset(task: str, spec: str, training: bool = True) -> None:
     rules = TASK_DATA.get(task)
     if rules is None or spec in rules.get("builtin", ()):
         return
-    takes = ", ".join([*rules.get("builtin", ()), *("NAME" if k == "tfds" else f"{k}:PATH" for k in rules["kinds"])])
+    kinds = [*(f"{b} (the default)" for b in rules.get("builtin", ())),
+             *("NAME" if k == "tfds" else f"{k}:PATH" for k in rules["kinds"])]
+    takes = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
     kind, sep, _ = spec.partition(":")
     if "tfds" not in rules["kinds"] and (not sep or kind == "tfds"):
         raise UsageError(f"task {task} cannot use --dataset {spec!r}; it takes {takes}")
@@ -124,6 +126,18 @@ def npz_names(path: str) -> list[str]:
             return list(data.files)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path} as an .npz file: {exc}") from None
+
+
+def data_identity(spec, data_dir=None) -> tuple:
+    """What a `--dataset` (and `--data-dir`) point at, for telling two settings apart: the
+    resolved path for files and folders (`npz:./a.npz` is `npz:a.npz`); a tensorflow-datasets
+    name with its data directory (the only kind `--data-dir` changes)."""
+    kind, sep, value = str(spec).partition(":")
+    if not sep:
+        kind, value = "tfds", str(spec)
+    if kind == "tfds":
+        return kind, value, str(Path(data_dir).expanduser().resolve()) if data_dir else None
+    return kind, str(Path(value).expanduser().resolve())
 
 
 def network_available(timeout: float = 3.0) -> bool:

@@ -104,3 +104,14 @@ def test_config_file_reads_1e_minus_3_as_a_number(tmp_path):
     assert config.resolve(DEFAULTS, cfg_file)["lr"] == 1e-3
     cfg_file.write_text("dataset: '1e-3'\n")  # a quoted value stays a string
     assert config.resolve(DEFAULTS, cfg_file)["dataset"] == "1e-3"
+
+
+def test_data_identity_tells_other_data_from_the_same_data_written_differently(tmp_path, monkeypatch):
+    from dlcli.data import data_identity
+
+    monkeypatch.chdir(tmp_path)
+    assert data_identity("npz:./a.npz") == data_identity(f"npz:{tmp_path}/a.npz")
+    assert data_identity("npz:a.npz") != data_identity("npz:b.npz")
+    assert data_identity("folder:a", data_dir="x") == data_identity("folder:a")  # --data-dir is for tfds names
+    assert data_identity("mnist", data_dir="x") != data_identity("mnist", data_dir="y")
+    assert data_identity("mnist") != data_identity("tfds:cifar10")

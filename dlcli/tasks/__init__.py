@@ -81,8 +81,11 @@ class Context:
         """
         if not self.run.config_path.exists():
             return False
+        from dlcli.data import data_identity
+
         trained = self.run.read_config()
-        return any(str(self.cfg.get(key)) != str(trained.get(key)) for key in ("dataset", "data_dir"))
+        return (data_identity(self.cfg.get("dataset"), self.cfg.get("data_dir"))
+                != data_identity(trained.get("dataset"), trained.get("data_dir")))
 
 
 def common_defaults(dataset: str, epochs: int, batch_size: int, lr: float, seed: int = 42) -> dict:
