@@ -1,8 +1,9 @@
 """Task `caption`: image captioning with a pretrained CNN encoder and an LSTM decoder.
 
-Week 6 of the course. The encoder is a `keras.applications` backbone (InceptionV3 by
-default, ImageNet weights, 299x299 centre crop, global average pooling). It is never
-trained, so every image's embedding is computed once and cached on disk, keyed by the
+Week 6 of the course. The encoder is a pretrained backbone (see `dlcli.backbones`):
+EfficientNet-Lite0 by default, whose ImageNet weights install with dlcli, on the 224x224
+centre crop, with global average pooling; the course's InceptionV3 is `--backbone
+inception_v3 --image-size 299` where Keras can fetch its weights. It is never trained, so every image's embedding is computed once and cached on disk, keyed by the
 backbone, its weights, the input size and the list of images: later epochs and later runs
 train only the decoder. The cache lives beside the runs (`<checkpoint-dir>/caption/
 .embeddings/`) unless `cache_dir` says otherwise.
@@ -19,7 +20,8 @@ with the run. Captions are cut at `max_caption_tokens` tokens (#START# and #END#
 
 Data: tensorflow-datasets `coco_captions` (train split, `val` held out), or
 `captions:DIR` with `DIR/images/` and `DIR/captions.txt` (CSV `image,caption`, the
-Flickr8k layout), of which a seeded `holdout` fraction of the images is held out.
+Flickr8k layout), of which a seeded `holdout` fraction of the images is held out. `eval`
+on a folder other than the run's scores every image of it.
 
 Decoding: greedy, sampling with a temperature (p ** (1/t), renormalised), or beam search;
 #UNK#, #PAD# and #START# are never generated. `eval` scores held-out images against all
@@ -58,7 +60,7 @@ tfds = lazy_import("tensorflow_datasets")
 DEFAULTS = {
     **common_defaults(dataset="coco_captions", epochs=12, batch_size=64, lr=1e-3),
     **training.keras_defaults(),
-    **backbones.backbone_defaults(image_size=299),
+    **backbones.backbone_defaults(image_size=224),
     "holdout": 0.2,
     "max_images": 0,
     "cache_dir": None,
@@ -181,6 +183,11 @@ def read_caption_folder(path: str) -> dict[str, list[str]]:
         for row in reader:
             if row["image"] and row["caption"] and row["caption"].strip():
                 captions[row["image"].strip()].append(row["caption"].strip())
+    # Image names are paths inside DIR/images/: an absolute path or a '..' would read any file.
+    outside = [name for name in captions if Path(name).is_absolute() or ".." in Path(name).parts]
+    if outside:
+        raise UsageError(f"{table} names {len(outside)} images outside {images} (first: {outside[0]!r}); "
+                         "image names must be paths inside that folder")
     missing = [name for name in captions if not (images / name).is_file()]
     if missing:
         raise UsageError(f"{table} names {len(missing)} images missing from {images} (first: {missing[0]})")
@@ -196,15 +203,17 @@ def _coco_captions(builder, split: str, limit: int) -> list[tuple[str, list[str]
     return [(str(int(ex["image/id"])), [t.decode() for t in ex["captions"]["text"]]) for ex in ds.as_numpy_iterator()]
 
 
-def load_data(cfg: dict) -> CaptionData:
+def load_data(cfg: dict, hold_out_all: bool = False) -> CaptionData:
+    """The data split into training and held-out images; `hold_out_all`: every image of a
+    captions folder held out (for `eval` on a folder the run did not train on)."""
     kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "captions"))
     if kind == "captions":
         captions = read_caption_folder(value)
         names = sorted(captions)
         order = np.random.default_rng(cfg["seed"]).permutation(len(names))
-        if cfg["max_images"]:
+        if cfg["max_images"] and not hold_out_all:
             order = order[: cfg["max_images"]]
-        n_held = min(max(1, round(len(order) * cfg["holdout"])), len(order) - 1)
+        n_held = len(order) if hold_out_all else min(max(1, round(len(order) * cfg["holdout"])), len(order) - 1)
         held = sorted(names[i] for i in order[:n_held])
         train = sorted(names[i] for i in order[n_held:])
         return CaptionData(kind, value, [(n, captions[n]) for n in train], [(n, captions[n]) for n in held])
@@ -293,7 +302,7 @@ def all_embeddings(ctx: Context, data: CaptionData) -> tuple[np.ndarray, np.ndar
             embeddings(ctx, data, data.heldout, data.heldout_split))
 
 
-def caption_arrays(items, vectors: np.ndarray, vocab: list[str], max_tokens: int):
+def caption_arrays(items, vocab: list[str], max_tokens: int):
     """One row per caption: (image embedding index, tokens)."""
     rows = [(i, c) for i, (_, caps) in enumerate(items) for c in caps]
     return np.array([i for i, _ in rows], np.int32), encode([c for _, c in rows], vocab, max_tokens)
@@ -422,8 +431,8 @@ def train(ctx: Context) -> dict:
     atomic_write_json(ctx.run.path("vocab.json"), vocab)
     atomic_write_json(ctx.run.path("encoder.json"), encoder_spec(cfg))
     train_vectors, held_vectors = all_embeddings(ctx, data)
-    index, tokens = caption_arrays(data.train, train_vectors, vocab, cfg["max_caption_tokens"])
-    held_index, held_tokens = caption_arrays(data.heldout, held_vectors, vocab, cfg["max_caption_tokens"])
+    index, tokens = caption_arrays(data.train, vocab, cfg["max_caption_tokens"])
+    held_index, held_tokens = caption_arrays(data.heldout, vocab, cfg["max_caption_tokens"])
     ctx.reporter.info(f"{len(data.train)} training images ({len(tokens)} captions), {len(data.heldout)} held out; "
                       f"vocabulary {len(vocab)} words")
     train_ds, shape = pipeline(train_vectors, index, tokens)
@@ -467,9 +476,12 @@ def evaluate(ctx: Context) -> dict:
     cfg = ctx.cfg
     model = training.load_model(ctx.model_path, "caption")
     vocab = _vocab(ctx)
-    data = load_data(cfg)
-    train_vectors, held_vectors = all_embeddings(ctx, data)
-    held_index, held_tokens = caption_arrays(data.heldout, held_vectors, vocab, cfg["max_caption_tokens"])
+    other = ctx.on_other_data
+    data = load_data(cfg, hold_out_all=other)
+    if other:
+        ctx.reporter.info(f"evaluating all {len(data.heldout)} images of {cfg['dataset']} (not the run's training data)")
+    _, held_vectors = all_embeddings(ctx, data)
+    held_index, held_tokens = caption_arrays(data.heldout, vocab, cfg["max_caption_tokens"])
     held_ds, shape = pipeline(held_vectors, held_index, held_tokens)
     loss, accuracy = model.evaluate(held_ds.map(shape).batch(256), verbose=0)
     references = [[tokenize(c) for c in caps] for _, caps in data.heldout]
@@ -480,13 +492,27 @@ def evaluate(ctx: Context) -> dict:
         hyps = [w for s in range(0, len(held_vectors), 256) for w in decoder.beam(held_vectors[s: s + 256], width)]
         prefix = "greedy" if width == 1 else f"beam{width}"
         metrics.update({f"{prefix}_bleu_{n}": round(b, 4) for n, b in enumerate(corpus_bleu(references, hyps), 1)})
-    baseline = baseline_caption(data.train)
+    train_items = _training_items(ctx) if other else data.train
+    if not train_items:
+        return metrics
+    baseline = baseline_caption(train_items)
     metrics.update({f"baseline_bleu_{n}": round(b, 4) for n, b in
                     enumerate(corpus_bleu(references, [baseline] * len(references)), 1)})
-    _, train_tokens = caption_arrays(data.train, train_vectors, vocab, cfg["max_caption_tokens"])
+    _, train_tokens = caption_arrays(train_items, vocab, cfg["max_caption_tokens"])
     metrics["baseline_next_word_accuracy"] = bigram_accuracy(train_tokens, held_tokens)
     metrics["baseline_caption"] = " ".join(baseline)
     return metrics
+
+
+def _training_items(ctx: Context) -> list:
+    """The run's own training captions (the baselines are fitted on them), or [] where that
+    data is no longer there."""
+    trained = ctx.run.read_config()
+    try:
+        return load_data({**ctx.cfg, "dataset": trained["dataset"], "data_dir": trained.get("data_dir")}).train
+    except UsageError:
+        ctx.reporter.info(f"the run's training data {trained['dataset']} is gone: no baselines")
+        return []
 
 
 # -- predict -------------------------------------------------------------------------------
