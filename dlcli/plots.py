@@ -50,7 +50,9 @@ def image_grid(
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
     lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles else 0
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile_inches, rows * (tile_inches + 0.1 + 0.13 * lines)), squeeze=False)
+    # constrained: the suptitle gets room of its own, also above a single row of small tiles
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile_inches, rows * (tile_inches + 0.1 + 0.13 * lines)),
+                             squeeze=False, layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):

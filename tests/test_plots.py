@@ -63,3 +63,12 @@ def test_linear_boundary_points_stand_out_from_the_background(captured, cli):
     ax = captured[-1].axes[0]
     faces = {tuple(c.get_facecolor()[0]) for c in ax.collections if hasattr(c, "get_offsets") and len(c.get_offsets()) > 10}
     assert faces == {to_rgba("white"), to_rgba("black")}, faces  # not the background's own reds and blues
+
+
+def test_a_grid_title_clears_a_single_row_of_small_tiles(captured, tmp_path):
+    plots.image_grid([np.zeros((3, 3, 3))] * 4, tmp_path / "f.png", titles=list("0123"), cols=8, tile_inches=0.9,
+                     suptitle="cnn / run: stem, 4 filters")  # cnn-filters of a narrow model
+    fig = captured[0]
+    renderer = fig.canvas.get_renderer()
+    top = fig._suptitle.get_window_extent(renderer)
+    assert not any(_overlap(top, ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title())
