@@ -88,6 +88,8 @@ class TaskHelp(TyperCommand):
 
     def parse_args(self, ctx, args):
         ctx.meta["dlcli.help_args"] = list(args)  # --help is eager: the task argument is not parsed yet
+        # Click drops `--`; what followed it are inputs even where they look like options (--x.png).
+        ctx.meta["dlcli.after_dashes"] = list(args[args.index("--") + 1:]) if "--" in args else []
         return super().parse_args(ctx, args)
 
     def format_help(self, ctx, formatter):
@@ -290,7 +292,10 @@ def parse_task_options(tokens: list[str], spec: dict[str, Option], where: str) -
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        if not token.startswith("--") or token == "--":
+        if token == "--":  # the end of the options: the rest are inputs, whatever they look like
+            inputs.extend(tokens[i + 1:])
+            break
+        if not token.startswith("--"):
             inputs.append(token)
             i += 1
             continue
@@ -531,6 +536,15 @@ def train_command(
     }
     flags.update(_config_flags(list(ctx.args), task.defaults, task_name))
     run = None
+    if resume and os.environ.get("TF_CONFIG") and run_name:
+        from dlcli import training
+
+        if not training.is_chief() and not (root / task_name / run_name).is_dir():
+            kind, index, _ = training.cluster_task()
+            raise UsageError(
+                f"{kind} {index} cannot see the chief's run {root / task_name / run_name}: on --resume every worker "
+                "continues from the chief's checkpoints, so the workers need a --checkpoint-dir they all share"
+            )
     if resume:
         run = _run_to_resume(root, task_name, run_name)
     if run is not None and (run.config_path.exists() or run.latest_backup() is not None):
@@ -548,7 +562,7 @@ def train_command(
     if cfg.get("strategy", "default") != "default":
         from dlcli import training
 
-        strategy = training.make_strategy(cfg["strategy"])  # before any other TensorFlow work
+        strategy = training.make_strategy(cfg["strategy"], reporter.info)  # before any other TensorFlow work
         if not training.is_chief():
             # Workers other than the chief train in a private directory that is deleted
             # afterwards; on --resume they load the chief's checkpoints.
@@ -637,7 +651,11 @@ def predict_command(
     Files that cannot be read are reported by name; the others are still predicted.
     """
     task = get_task(task_name)
-    options, files = parse_task_options(list(inputs or []) + list(ctx.args), task.predict_options, f"`dlcli predict {task_name}`")
+    verbatim = ctx.meta.get("dlcli.after_dashes", [])
+    tokens = list(inputs or []) + list(ctx.args)
+    if verbatim and tokens[len(tokens) - len(verbatim):] == verbatim:
+        tokens = tokens[: len(tokens) - len(verbatim)] + ["--", *verbatim]
+    options, files = parse_task_options(tokens, task.predict_options, f"`dlcli predict {task_name}`")
     run = _open_run(task_name, root, run_name, checkpoint)
     cfg = _run_config(task_name, run, {"seed": seed})
     reporter = _reporter(json_mode, quiet)

@@ -38,13 +38,62 @@ def load_yaml(text: str) -> Any:
 # Keys with a fixed set of values in every task that has them.
 COMMON_CHOICES: dict[str, list] = {"strategy": ["default", "mirrored", "multi-worker"]}
 
-# key -> (test, what is allowed); applied wherever the key appears in a task's defaults.
+def _range(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+           note: str = "") -> tuple[Callable[[Any], bool], str]:
+    """(test, what is allowed) for a number between lo and hi (None: no upper bound)."""
+    def test(v) -> bool:
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+
+    low = f"{'>' if lo_open else '>='} {lo:g}"
+    text = f"{low}" if hi is None else f"{low} and {'<' if hi_open else '<='} {hi:g}"
+    return test, f"{text}{note}"
+
+
+SIZE = _range(1, 65536)  # units of a layer, an embedding or a code
+# key -> (test, what is allowed); applied wherever the key appears in a task's defaults. Every
+# number a task's config holds has its range here (a test checks that each task's keys do).
 COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "lr": (lambda v: v > 0, "a number > 0"),
-    "seed": (lambda v: v is None or v >= 0, "an integer >= 0"),
-    "save_every_steps": (lambda v: v >= 0, "an integer >= 0 (0: save at epoch ends only)"),
+    "epochs": _range(1, 100_000),
+    "batch_size": _range(1, 1_000_000),
+    "lr": _range(0, lo_open=True),
+    "seed": (lambda v: v is None or 0 <= v < 2**31, ">= 0 and < 2^31"),
+    "save_every_steps": _range(0, 10**9, note=" (0: save at epoch ends only)"),
+    "val_size": _range(1, 10**9),
+    "val_fraction": _range(0, 1, lo_open=True, hi_open=True),
+    "holdout": _range(0, 1, lo_open=True, hi_open=True),
+    "dropout": _range(0, 1, hi_open=True),
+    "lr_decay": _range(0, 10, lo_open=True),
+    "hidden": SIZE, "units": SIZE, "embedding": SIZE, "code": SIZE, "code_size": SIZE, "width": SIZE,
+    "bottleneck": SIZE, "lstm_units": SIZE, "word_embedding": SIZE, "logit_bottleneck": SIZE,
+    "layers": _range(1, 64),
+    "noise": _range(0, 10),
+    "weight_decay": _range(0, 1),
+    "warmup": _range(0, 1),
+    "label_smoothing": _range(0, 1),
+    "d_l2": _range(0, 1000),
+    "d_lr": _range(0, lo_open=True),
+    "d_steps": _range(1, 100),
+    "mmd_samples": _range(2, 1_000_000),
+    "alpha": _range(0, 1.5),  # linear: the momentum / moving-mean factor; backbones: the width multiplier
+    "beta2": _range(0, 1, hi_open=True),
+    "eps": _range(0, 1, lo_open=True),
+    "l1": _range(0, 1000),
+    "l2": _range(0, 1000),
+    "steps_per_epoch": _range(1, 10**7),
+    "n_points": _range(2, 10**7),
+    "image_size": _range(8, 2048),
+    "crop": _range(1, 100_000),
+    "limit": _range(0, 10**9, note=" (0: no limit)"),
+    "max_images": _range(0, 10**9, note=" (0: no limit)"),
+    "min_word_count": _range(1, 10**6),
+    "max_caption_tokens": _range(1, 1000),
+    "eval_beam": _range(1, 100),
+    "head_epochs": _range(0, 100_000),
+    "fine_tune_layers": _range(0, 10_000),
+    "fine_tune_lr": _range(0, lo_open=True),
+    "min_crop": _range(0, 1, lo_open=True),
+    "max_chars": _range(1, 100_000),
+    "samples": _range(0, 1_000_000),
 }
 
 
@@ -71,6 +120,8 @@ def load_config_file(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not a text (YAML) file") from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
@@ -151,10 +202,12 @@ def _coerce(key: str, value: Any, default: Any, choices: Mapping[str, list]) -> 
             raise UsageError(f"config key {key!r} must be a list; got {value!r}")
     elif default is None and isinstance(value, (dict, list)):
         raise UsageError(f"config key {key!r} must be a single value; got {value!r}")
-    if leaf in COMMON_CHECKS and value is not None:
+    if leaf in COMMON_CHECKS and value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         test, allowed = COMMON_CHECKS[leaf]
         if not test(value):
-            raise UsageError(f"config key {key!r} must be {allowed}; got {value!r}")
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+            kind = "an integer" if isinstance(default, int) and not isinstance(default, bool) and leaf != "lr" else "a number"
+            raise UsageError(f"config key {key!r} must be {kind} {allowed}; got {shown}")
     return value
 
 

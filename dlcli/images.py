@@ -33,6 +33,10 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
             return np.asarray(img.convert(mode))
     except UnidentifiedImageError:
         raise UsageError(f"{path}: not an image (or an unsupported format)") from None
+    except Image.DecompressionBombError:
+        raise UsageError(f"{path}: the image is too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except MemoryError:
+        raise UsageError(f"{path}: the image is too large to read (out of memory)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise UsageError(f"{path}: cannot read image ({exc})") from None
 
@@ -48,6 +52,8 @@ def read_many(paths: Iterable[str], read: Callable[[str], np.ndarray]) -> tuple[
             return path, read(path), None
         except UsageError as exc:
             return path, None, str(exc)
+        except Exception as exc:  # one bad input never costs the others their prediction
+            return path, None, f"{path}: cannot use this image ({type(exc).__name__}: {exc})"
 
     good, arrays, failures = [], [], []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

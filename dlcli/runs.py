@@ -248,7 +248,7 @@ class Run:
     def read_config(self) -> dict:
         try:
             data = yaml.safe_load(self.config_path.read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not text (UnicodeDecodeError)
             raise UsageError(f"run {self.dir} has no readable config.yaml") from None
         if not isinstance(data, dict):
             raise UsageError(f"{self.config_path} is not a configuration")

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -67,9 +68,63 @@ def cpu_replicas() -> int:
     return int(raw)
 
 
-def make_strategy(name: str):
+DEFAULT_WORKER_TIMEOUT = 600.0
+
+
+def worker_timeout() -> float:
+    """DLCLI_WORKER_TIMEOUT=SECONDS: how long a worker waits for the others to join (600)."""
+    raw = os.environ.get("DLCLI_WORKER_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_WORKER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")):
+        raise UsageError(f"DLCLI_WORKER_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+class ClusterWait:
+    """Bounds the wait for the other workers: from the strategy's creation to the end of the
+    first training step (the first step every worker must take together). TensorFlow waits
+    inside C++ code that holds the GIL, where neither a Python thread nor a signal handler
+    runs, so a forked watchdog process does it: past the timeout it says what the worker
+    waited for, on stderr, and kills the worker (exit status 137)."""
+
+    current: "ClusterWait | None" = None
+
+    def __init__(self, timeout: float, what: str):
+        import time
+
+        message = (f"error: waited {timeout:g} s for {what} and the cluster never took its first step together; "
+                   "start every worker (the same --run, and on --resume a --checkpoint-dir they all share), "
+                   "or give them longer with DLCLI_WORKER_TIMEOUT=SECONDS\n").encode()
+        parent = os.getpid()
+        self.child = os.fork()
+        if self.child == 0:  # the watchdog: nothing but sleep, write and kill
+            try:
+                time.sleep(timeout)
+                os.write(2, message)
+                os.kill(parent, 9)
+            finally:
+                os._exit(0)
+        ClusterWait.current = self
+
+    @classmethod
+    def joined(cls) -> None:
+        if cls.current is not None:
+            import signal
+
+            os.kill(cls.current.child, signal.SIGKILL)
+            os.waitpid(cls.current.child, 0)
+            cls.current = None
+
+
+def make_strategy(name: str, say: Callable[[str], None] | None = None):
     """The tf.distribute strategy for `--set strategy=...` (validated by the config);
-    create it before any other TensorFlow work, as multi-worker training requires."""
+    create it before any other TensorFlow work, as multi-worker training requires.
+    Multi-worker: `say` is told what the worker waits for, and the wait is bounded."""
     if name == "mirrored":
         replicas = cpu_replicas()
         if replicas > 1 and not tf.config.list_physical_devices("GPU"):
@@ -82,8 +137,17 @@ def make_strategy(name: str):
     if name == "multi-worker":
         if not os.environ.get("TF_CONFIG"):
             raise UsageError("strategy multi-worker needs TF_CONFIG describing the cluster (see the README)")
-        cluster_task()  # validate it
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        kind, index, _ = cluster_task()  # validate it
+        workers = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+        others = [f"{role} {i} ({address})" for role, addresses in workers.items() for i, address in enumerate(addresses)
+                  if (role, i) != (kind, index)]
+        what = "the other workers of the cluster: " + ", ".join(others)
+        timeout = worker_timeout()
+        if say is not None:
+            say(f"{kind} {index}: waiting for {what} (at most {timeout:g} s, DLCLI_WORKER_TIMEOUT)")
+        create = tf.distribute.MultiWorkerMirroredStrategy  # imports TensorFlow first: its time does not count
+        ClusterWait(timeout, what)
+        return create()  # waits here (and in the first step) for every worker
     return None
 
 
@@ -229,6 +293,7 @@ class StepWatcher:
                 reporter.start_epoch(epoch, steps)
 
             def on_train_batch_end(self, batch, logs=None):
+                ClusterWait.joined()  # the workers took their first step together
                 if watcher.metric_states is not None:  # the running sums of a mid-epoch checkpoint
                     add_metric_states(self.model, watcher.metric_states)
                     watcher.metric_states = None
@@ -309,7 +374,10 @@ def load_model(path: Path, task: str | None = None):
             model_config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError):
         raise UsageError(f"checkpoint {path} is not a Keras model file (corrupt or another format)") from None
-    name = str(model_config.get("config", {}).get("name", ""))
+    inner = model_config.get("config") if isinstance(model_config, dict) else None
+    if not isinstance(inner, dict):
+        raise UsageError(f"checkpoint {path} is not a Keras model file (its config.json describes no model)")
+    name = str(inner.get("name", ""))
     if task and not name.startswith(f"{task}_"):
         raise UsageError(f"checkpoint {path} holds model {name!r}, not a {task} model")
     try:
@@ -384,6 +452,35 @@ def build_before_fit(model, strategy, dataset) -> None:
     trainer.reduce_per_replica = reduce_per_replica
 
 
+def tf_error_line(exc) -> str:
+    """The readable first line of a TensorFlow error, without its `{{function_node ...}}`
+    prefixes, `[Op:...]` suffixes and `(__inference_...)` graph names."""
+    text = str(getattr(exc, "message", None) or exc)
+    text = re.sub(r"\{\{[^}]*\}\}", " ", text)
+    text = re.sub(r"\[Op:[^\]]*\]", " ", text)
+    text = re.sub(r"\(?\s*__inference_[\w.]*\]?\)?", " ", text)
+    lines = [" ".join(line.split()).strip(" :;,") for line in text.splitlines()]
+    first = next((line for line in lines if line), "") or type(exc).__name__
+    return first if len(first) <= 300 else first[:300] + "..."
+
+
+def raise_op_error(exc, ctx, epoch: int) -> None:
+    """A TensorFlow failure inside an epoch as one line: a worker that stopped answering, a
+    full disk (TensorBoard's log writer is the first to notice), anything else by its message."""
+    run = ctx.run
+    line = tf_error_line(exc)
+    lost = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError)
+    if isinstance(exc, lost) and isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise RunError(
+            f"a worker of the cluster stopped answering in epoch {epoch + 1} ({line}); the last checkpoint is "
+            f"{(ctx.resume_from or run).latest_backup()}; start every worker again with --resume"
+        ) from None
+    if "no space left" in line.lower():
+        raise RunError(f"no space left on the device while writing {run.dir} in epoch {epoch + 1}; "
+                       f"free some space and continue with --resume") from None
+    raise RunError(f"TensorFlow failed in epoch {epoch + 1}: {line}") from None
+
+
 def fit(
     ctx,
     build_model: Callable[[], "keras.Model"],
@@ -432,14 +529,8 @@ def fit(
                         shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
                         verbose=0,
                     )
-                except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError) as exc:
-                    if not isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-                        raise
-                    raise RunError(
-                        f"a worker of the cluster stopped answering in epoch {epoch + 1} "
-                        f"({str(exc.message).split(':')[-1].strip() or type(exc).__name__}); the last checkpoint is "
-                        f"{(ctx.resume_from or run).latest_backup()}; start every worker again with --resume"
-                    ) from None
+                except tf.errors.OpError as exc:
+                    raise_op_error(exc, ctx, epoch)
                 watcher.raise_if_stopped(run)
                 watcher.check_finite(model, run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
@@ -451,6 +542,7 @@ def fit(
         finally:
             reporter.finish()
     if start >= epochs:  # stopped after its last checkpoint: history.csv may lack the last row
+        ClusterWait.joined()
         run.write_history(history)
     link_or_copy(run.latest_backup() / "model.keras", run.path(model_file))
     return model, history

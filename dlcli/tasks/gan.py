@@ -353,6 +353,7 @@ def train(ctx: Context) -> dict:
                 if not all(np.isfinite(list(logs.values()))):
                     raise RunError(f"the GAN's losses became NaN or infinite in epoch {epoch + 1} (try a lower --lr)")
                 watcher.check_finite(gan, run)
+                watcher.check_finite(gan, run)
                 logs.update(quality(gan.generator))
                 history.append({"epoch": epoch + 1, **logs})
                 progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
@@ -364,6 +365,7 @@ def train(ctx: Context) -> dict:
         finally:
             reporter.finish()
     if start >= cfg["epochs"]:  # stopped after its last checkpoint: history.csv may lack the last row
+        training.ClusterWait.joined()
         run.write_history(history)
     last = run.latest_backup()
     for name in (GENERATOR_FILE, DISCRIMINATOR_FILE):

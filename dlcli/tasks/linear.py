@@ -326,6 +326,8 @@ def _parse_point(text: str) -> np.ndarray:
         values = []
     if len(values) != 2:
         raise UsageError(f"{text!r} is not a point; write it as x0,x1 (for example 0.5,-1.2)")
+    if not all(np.isfinite(values)):
+        raise UsageError(f"{text!r}: coordinates must be finite numbers")
     return np.array(values)
 
 
@@ -340,7 +342,11 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
         except UsageError as exc:
             rows.append({"input": text, "error": str(exc)})
             continue
-        value = float(predict_values(w, expand(point[None], meta["features"]), meta["mode"])[0])
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = float(predict_values(w, expand(point[None], meta["features"]), meta["mode"])[0])
+        if not np.isfinite(value):  # the quadratic features overflow far out (|x| above ~1e154)
+            rows.append({"input": text, "error": f"{text!r}: too far out for the model (its features overflow)"})
+            continue
         key = "probability" if meta["mode"] == "logistic" else "value"
         row = {"input": text, key: round(value, 6)}
         if meta["mode"] == "logistic":

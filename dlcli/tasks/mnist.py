@@ -240,6 +240,8 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     canvas[top: top + new_h, left: left + new_w] = small
     # shift the centre of mass to the middle, as MNIST does
     total = canvas.sum()
+    if total <= 0:  # a few faint dots, too sparse to survive the scaling: nothing to centre
+        return canvas
     cy = (canvas.sum(1) * np.arange(28)).sum() / total
     cx = (canvas.sum(0) * np.arange(28)).sum() / total
     dy, dx = int(round(13.5 - cy)), int(round(13.5 - cx))
