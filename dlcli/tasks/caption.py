@@ -10,9 +10,12 @@ train only the decoder. The cache lives beside the runs (`<checkpoint-dir>/capti
 
 The decoder is the course's: embedding -> dense 120 elu -> dense 300 elu as the LSTM's
 initial state (h and c); words embedded in 100 dimensions; LSTM 300; dense 120 elu ->
-vocabulary logits; the loss is averaged over real tokens only (padding masked out). One
-addition: the image embedding is standardised with the training set's mean and variance
-first, which keeps the decoder's start sane whatever the encoder's scale.
+vocabulary logits; the loss is averaged over real tokens only (padding masked out). Two
+additions: the image embedding is standardised with the training set's mean and variance
+first, which keeps the decoder's start sane whatever the encoder's scale; and dropout
+(`dropout`, 0.5) on the image embedding, the word embeddings and the LSTM's outputs, without
+which the decoder overfits a few thousand captions within 5 epochs (measured on Flickr8k:
+next-word accuracy 0.342 at its best, 0.325 after 20 epochs, against 0.354 with dropout).
 
 Vocabulary as in the course: lower-case, split on non-word characters, words seen at least
 `min_word_count` times in training captions, plus #PAD#, #UNK#, #START#, #END#; saved
@@ -58,7 +61,7 @@ tf = lazy_import("tensorflow")
 tfds = lazy_import("tensorflow_datasets")
 
 DEFAULTS = {
-    **common_defaults(dataset="coco_captions", epochs=12, batch_size=64, lr=1e-3),
+    **common_defaults(dataset="coco_captions", epochs=16, batch_size=64, lr=1e-3),
     **training.keras_defaults(),
     **backbones.backbone_defaults(image_size=224),
     "holdout": 0.2,
@@ -70,6 +73,7 @@ DEFAULTS = {
     "lstm_units": 300,
     "word_embedding": 100,
     "logit_bottleneck": 120,
+    "dropout": 0.5,  # on the image embedding, the word embeddings and the LSTM's outputs (training only)
     "eval_beam": 3,
 }
 CHOICES = {"backbone": backbones.NAMES}
@@ -327,11 +331,14 @@ def build_model(cfg: dict, embed_dim: int, vocab_size: int, mean: np.ndarray, va
     image = keras.Input((embed_dim,), name="image_embedding")
     words = keras.Input((None,), dtype="int32", name="words")
     x = keras.layers.Normalization(mean=mean.tolist(), variance=variance.tolist(), name="embedding_norm")(image)
+    x = keras.layers.Dropout(cfg["dropout"], name="image_dropout")(x)
     x = keras.layers.Dense(cfg["bottleneck"], activation="elu", name="image_bottleneck")(x)
     state = keras.layers.Dense(cfg["lstm_units"], activation="elu", name="image_to_state")(x)
     embedded = keras.layers.Embedding(vocab_size, cfg["word_embedding"], name="word_embedding")(words)
+    embedded = keras.layers.Dropout(cfg["dropout"], name="word_dropout")(embedded)
     seq, _, _ = keras.layers.LSTM(cfg["lstm_units"], return_sequences=True, return_state=True, name="lstm")(
         embedded, initial_state=[state, state])
+    seq = keras.layers.Dropout(cfg["dropout"], name="lstm_dropout")(seq)
     hidden = keras.layers.Dense(cfg["logit_bottleneck"], activation="elu", name="logit_bottleneck")(seq)
     logits = keras.layers.Dense(vocab_size, name="logits")(hidden)
     model = keras.Model([image, words], logits, name="caption_lstm")
