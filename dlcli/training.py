@@ -89,35 +89,29 @@ class ClusterWait:
     """Bounds the wait for the other workers: from the strategy's creation to the end of the
     first training step (the first step every worker must take together). TensorFlow waits
     inside C++ code that holds the GIL, where neither a Python thread nor a signal handler
-    runs, so a forked watchdog process does it: past the timeout it says what the worker
-    waited for, on stderr, and kills the worker (exit status 137)."""
+    runs, so a watchdog process does it: past the timeout it says what the worker waited
+    for, on stderr, and kills the worker (exit status 137)."""
 
     current: "ClusterWait | None" = None
 
     def __init__(self, timeout: float, what: str):
-        import time
+        import subprocess
+        import sys
 
         message = (f"error: waited {timeout:g} s for {what} and the cluster never took its first step together; "
                    "start every worker (the same --run, and on --resume a --checkpoint-dir they all share), "
-                   "or give them longer with DLCLI_WORKER_TIMEOUT=SECONDS\n").encode()
-        parent = os.getpid()
-        self.child = os.fork()
-        if self.child == 0:  # the watchdog: nothing but sleep, write and kill
-            try:
-                time.sleep(timeout)
-                os.write(2, message)
-                os.kill(parent, 9)
-            finally:
-                os._exit(0)
+                   "or give them longer with DLCLI_WORKER_TIMEOUT=SECONDS")
+        watchdog = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
+                    "sys.stderr.write(sys.argv[3] + '\\n'); sys.stderr.flush(); os.kill(int(sys.argv[1]), 9)")
+        self.process = subprocess.Popen([sys.executable, "-c", watchdog, str(os.getpid()), str(timeout), message],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         ClusterWait.current = self
 
     @classmethod
     def joined(cls) -> None:
         if cls.current is not None:
-            import signal
-
-            os.kill(cls.current.child, signal.SIGKILL)
-            os.waitpid(cls.current.child, 0)
+            cls.current.process.kill()
+            cls.current.process.wait()
             cls.current = None
 
 
