@@ -353,7 +353,6 @@ def train(ctx: Context) -> dict:
                 if not all(np.isfinite(list(logs.values()))):
                     raise RunError(f"the GAN's losses became NaN or infinite in epoch {epoch + 1} (try a lower --lr)")
                 watcher.check_finite(gan, run)
-                watcher.check_finite(gan, run)
                 logs.update(quality(gan.generator))
                 history.append({"epoch": epoch + 1, **logs})
                 progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
