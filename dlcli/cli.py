@@ -750,4 +750,14 @@ def main_callback(
 
 def main() -> None:
     stop_by_exception()
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code not in (0, None) and os.environ.get("TF_CONFIG") and "tensorflow" in sys.modules:
+            # A failed cluster run: TensorFlow's collective ops leave thread pools whose
+            # teardown at interpreter exit prints "Exception ignored in Pool.__del__" after our
+            # one-line error. Everything is on disk (atomic writes), so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        raise

@@ -58,7 +58,7 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _range(0, lo_open=True),
     "seed": (lambda v: v is None or 0 <= v < 2**31, ">= 0 and < 2^31"),
     "save_every_steps": _range(0, 10**9, note=" (0: save at epoch ends only)"),
-    "val_size": _range(1, 10**9),
+    "val_size": _range(0, 10**9),  # cnn: 0 holds nothing out
     "val_fraction": _range(0, 1, lo_open=True, hi_open=True),
     "holdout": _range(0, 1, lo_open=True, hi_open=True),
     "dropout": _range(0, 1, hi_open=True),
