@@ -231,12 +231,9 @@ def probabilities(model, cfg: dict, images) -> np.ndarray:
 # -- train / evaluate ---------------------------------------------------------------------
 
 
-def _epochs_done(ctx: Context) -> tuple[int, dict]:
+def _epochs_done(ctx: Context) -> int:
     backup = ctx.run.latest_backup() if ctx.resume else None
-    if backup is None:
-        return 0, {}
-    state = ctx.run.read_backup_state(backup)
-    return state["epochs_done"], state
+    return ctx.run.read_backup_state(backup)["epochs_done"] if backup else 0
 
 
 def cached_features(ctx: Context, base_model, train_ds, val_ds, n_classes: int):
@@ -345,9 +342,8 @@ def train(ctx: Context) -> dict:
 
     steps = -(-n_train // cfg["batch_size"])
     head_epochs = min(cfg["head_epochs"], cfg["epochs"])
-    done, _ = _epochs_done(ctx)
     history = []
-    if done < head_epochs:
+    if _epochs_done(ctx) < head_epochs:
         history = _phase_one(ctx, n_classes, train_ds, val_ds)
     if head_epochs > 0:
         _assemble(ctx, n_classes)
