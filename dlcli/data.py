@@ -32,11 +32,16 @@ NETWORK_PROBE = "storage.googleapis.com:443"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """`folder:/data/x` -> ("folder", "/data/x"); a bare name is a tfds name. No checks."""
+    kind, sep, value = str(spec).partition(":")
+    return (kind, value) if sep else ("tfds", str(spec))
+
+
 def parse_dataset(spec: str, allowed: tuple[str, ...] = KINDS) -> tuple[str, str]:
-    """`folder:/data/x` -> ("folder", "/data/x"); a bare name is a tfds name."""
-    kind, sep, value = spec.partition(":")
-    if not sep:
-        kind, value = "tfds", spec
+    """`folder:/data/x` -> ("folder", "/data/x"), checked: a known kind, allowed here, and an
+    existing path."""
+    kind, value = split_spec(spec)
     if kind not in KINDS or not value:
         raise UsageError(
             f"cannot read --dataset {spec!r}; use NAME (tensorflow-datasets) or one of "
@@ -84,8 +89,7 @@ def check_dataset(task: str, spec: str, training: bool = True) -> None:
     kinds = [*(f"{b} (the default)" for b in rules.get("builtin", ())),
              *("NAME" if k == "tfds" else f"{k}:PATH" for k in rules["kinds"])]
     takes = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
-    kind, sep, _ = spec.partition(":")
-    if "tfds" not in rules["kinds"] and (not sep or kind == "tfds"):
+    if "tfds" not in rules["kinds"] and split_spec(spec)[0] == "tfds":
         raise UsageError(f"task {task} cannot use --dataset {spec!r}; it takes {takes}")
     try:
         kind, value = parse_dataset(spec, allowed=rules["kinds"])
@@ -132,9 +136,7 @@ def data_identity(spec, data_dir=None) -> tuple:
     """What a `--dataset` (and `--data-dir`) point at, for telling two settings apart: the
     resolved path for files and folders (`npz:./a.npz` is `npz:a.npz`); a tensorflow-datasets
     name with its data directory (the only kind `--data-dir` changes)."""
-    kind, sep, value = str(spec).partition(":")
-    if not sep:
-        kind, value = "tfds", str(spec)
+    kind, value = split_spec(spec)
     if kind == "tfds":
         return kind, value, str(Path(data_dir).expanduser().resolve()) if data_dir else None
     return kind, str(Path(value).expanduser().resolve())
