@@ -274,24 +274,41 @@ NAN_CHECK_EVERY = 20
 
 class StepWatcher:
     """Builds the Keras callback that feeds the reporter, checks the loss every few steps,
-    honours SIGINT/SIGTERM and saves a mid-epoch checkpoint every `save_every` steps."""
+    honours SIGINT/SIGTERM and saves a mid-epoch checkpoint every `save_every` steps.
+
+    It must come first in `model.fit`'s callbacks: at an epoch's end it checks the epoch
+    (finite training logs and weights) before the per-epoch extras (`after_each_epoch`) run,
+    and a failed check stops training, which tells the extras to skip the epoch."""
 
     def __init__(self, reporter, steps: int | None, stop, save_mid_epoch: Callable[[int, int], None], save_every: int = 0):
         watcher = self
         self.bad_loss_at: tuple[int, int] | None = None
+        self.bad_weights_at: int | None = None
         self.stopped_at: tuple[int, int] | None = None
 
         class _Callback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
                 watcher.epoch = epoch
+                watcher.done = watcher.skipped
                 reporter.start_epoch(epoch, steps)
+
+            def on_epoch_end(self, epoch, logs=None):
+                if self.model.stop_training:  # cut short: raise_if_stopped says why
+                    return
+                train_logs = [v for k, v in (logs or {}).items() if not k.startswith("val_")]
+                if not all(math.isfinite(float(v)) for v in train_logs):
+                    watcher.bad_loss_at = (epoch, watcher.done)
+                    self.model.stop_training = True
+                elif not all_finite(self.model):  # no checkpoint of non-finite weights
+                    watcher.bad_weights_at = epoch
+                    self.model.stop_training = True
 
             def on_train_batch_end(self, batch, logs=None):
                 ClusterWait.joined()  # the workers took their first step together
                 if watcher.metric_states is not None:  # the running sums of a mid-epoch checkpoint
                     add_metric_states(self.model, watcher.metric_states)
                     watcher.metric_states = None
-                done = watcher.skipped + batch + 1
+                done = watcher.done = watcher.skipped + batch + 1
                 last_step = steps is not None and done >= steps
                 saving = not last_step and (stop.requested or bool(save_every and done % save_every == 0))
                 # Reading a metric waits for the step to finish: do it only where it is needed.
@@ -314,17 +331,18 @@ class StepWatcher:
         self.callback = _Callback()
 
     def raise_if_stopped(self, run, epoch_done: int | None = None) -> None:
-        """After an epoch's `fit`: raise for a non-finite loss or a mid-epoch stop; after the
-        epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
+        """After an epoch's `fit`: raise for a non-finite loss or weights or a mid-epoch stop;
+        after the epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
         resume = f"continue with `dlcli train {run.task} --run {run.name} --resume`"
-        if self.bad_loss_at is not None:
-            bad_epoch, step = self.bad_loss_at
+        if self.bad_loss_at is not None or self.bad_weights_at is not None:
             kept = run.latest_backup()
-            raise RunError(
-                f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}; "
-                + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
-                + " (try a lower --lr)"
-            )
+            if self.bad_loss_at is not None:
+                bad_epoch, step = self.bad_loss_at
+                what = f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}; "
+            else:
+                what = f"the weights became NaN or infinite in epoch {self.bad_weights_at + 1}; "
+            raise RunError(what + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
+                           + " (try a lower --lr)")
         name = self.stop.signal_name
         if self.stopped_at is not None:
             stop_epoch, step = self.stopped_at
@@ -332,16 +350,6 @@ class StepWatcher:
                                     f"in {run.latest_backup()}; {resume}")
         if epoch_done is not None and self.stop.requested:
             raise Interrupted(name, f"stopped by {name} after epoch {epoch_done}; progress saved; {resume}")
-
-    def check_finite(self, model, run) -> None:
-        """Before an epoch-end checkpoint: refuse to save non-finite weights."""
-        if not all_finite(model):
-            kept = run.latest_backup()
-            raise RunError(
-                f"the weights became NaN or infinite in epoch {self.epoch + 1}; "
-                + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
-                + " (try a lower --lr)"
-            )
 
     def data_for(self, epoch: int, start: int, skip: int, data, model, states, metrics=None):
         """The epoch's data, less the batches a mid-epoch checkpoint had already trained on
@@ -475,35 +483,82 @@ def raise_op_error(exc, ctx, epoch: int) -> None:
     raise RunError(f"TensorFlow failed in epoch {epoch + 1}: {line}") from None
 
 
+class CheckpointState:
+    """What a task's checkpoints hold and how its model is made from nothing or from one.
+
+    The default: one Keras model, saved with its optimizer state as `model.keras` in every
+    checkpoint and linked into the run as `model_file` when training ends. A task with more
+    to keep subclasses it (the gan: two networks as .keras files and both optimizers'
+    variables); `build` and `restore` run inside the distribution strategy's scope.
+    """
+
+    def __init__(self, build: Callable[[], "keras.Model"] | None = None, model_file: str = "model.keras"):
+        self._build, self.model_file = build, model_file
+
+    def build(self):
+        """A new model, compiled, to train from the first epoch."""
+        return self._build()
+
+    def restore(self, backup: Path):
+        """The model as a checkpoint directory saved it (weights and optimizer state)."""
+        return load_model(backup / "model.keras")
+
+    def files(self, model) -> dict[str, Callable[[Path], object]]:
+        """The checkpoint's files: name -> writer(path), for `Run.save_backup`."""
+        return {"model.keras": model.save}
+
+    def outputs(self) -> dict[str, str]:
+        """Checkpoint file -> run file, put in place from the last checkpoint at the end."""
+        return {"model.keras": self.model_file}
+
+
+def after_each_epoch(action: Callable[[object, int, dict], None]):
+    """A per-epoch extra as a Keras callback: `action(model, epoch, logs)` runs after each
+    epoch that trained all its steps with finite logs and weights, before its checkpoint
+    (not after an epoch a signal or a NaN cut short). What it adds to `logs` lands in the
+    epoch's history row; what it writes must be resume-safe (a function of the epoch)."""
+
+    class _AfterEachEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if not self.model.stop_training and logs is not None:
+                action(self.model, epoch, logs)
+
+    return _AfterEachEpoch()
+
+
 def fit(
     ctx,
-    build_model: Callable[[], "keras.Model"],
+    build_model: "Callable[[], keras.Model] | CheckpointState",
     train_data: Callable[[int], "tf.data.Dataset"],
     val_data=None,
     steps_per_epoch: int | None = None,
     callbacks: Iterable = (),
     model_file: str = "model.keras",
+    tensorboard: bool = True,
 ):
     """Train epoch by epoch with checkpoints; returns (model, history rows).
 
-    `train_data(epoch)` returns that epoch's batched, shuffled data set, so the order
-    depends only on the seed and the epoch number; a run resumed in the middle of an
-    epoch skips the batches it had already trained on.
+    `build_model` makes a new compiled model, or is a `CheckpointState` saying what the
+    checkpoints hold. `train_data(epoch)` returns that epoch's batched, shuffled data set,
+    so the order depends only on the seed and the epoch number; a run resumed in the middle
+    of an epoch skips the batches it had already trained on. `callbacks` go to every epoch's
+    `model.fit` after the engine's own; `tensorboard` writes logs/ for TensorBoard.
     """
     cfg, run, reporter = ctx.cfg, ctx.run, ctx.reporter
+    state = build_model if isinstance(build_model, CheckpointState) else CheckpointState(build_model, model_file)
     seed = cfg.get("seed")
     point = resume_point(ctx)
     start, skip, history, states = point.epochs_done, point.steps_done, point.history, point.seed_states
     with strategy_scope(ctx.strategy):
-        model = load_model(point.backup / "model.keras") if point.backup else build_model()
+        model = state.restore(point.backup) if point.backup else state.build()
     epochs = cfg["epochs"]
 
     def save_mid_epoch(epoch: int, steps_done: int) -> None:
-        run.save_backup(epoch, history, {"model.keras": model.save}, steps_done=steps_done,
+        run.save_backup(epoch, history, state.files(model), steps_done=steps_done,
                         extra={"seed_states": seed_states(model), "metric_states": metric_states(model)})
 
     build_before_fit(model, ctx.strategy, train_data(start))
-    tensorboard = keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)
+    engine = [keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)] if tensorboard else []
     reporter.start(epochs, initial_epoch=start)
     with StopOnSignal() as stop:
         watcher = StepWatcher(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0))
@@ -519,17 +574,16 @@ def fit(
                         initial_epoch=epoch,
                         epochs=epoch + 1,
                         steps_per_epoch=steps,
-                        callbacks=[watcher.callback, tensorboard, *callbacks],
+                        callbacks=[watcher.callback, *engine, *callbacks],
                         shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
                         verbose=0,
                     )
                 except tf.errors.OpError as exc:
                     raise_op_error(exc, ctx, epoch)
                 watcher.raise_if_stopped(run)
-                watcher.check_finite(model, run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 history.append({"epoch": epoch + 1, **logs})
-                run.save_backup(epoch + 1, history, {"model.keras": model.save})
+                run.save_backup(epoch + 1, history, state.files(model))
                 run.write_history(history)
                 reporter.end_epoch(epoch, logs)
                 watcher.raise_if_stopped(run, epoch_done=epoch + 1)
@@ -538,5 +592,7 @@ def fit(
     if start >= epochs:  # stopped after its last checkpoint: history.csv may lack the last row
         ClusterWait.joined()
         run.write_history(history)
-    link_or_copy(run.latest_backup() / "model.keras", run.path(model_file))
+    last = run.latest_backup()
+    for name, final in state.outputs().items():
+        link_or_copy(last / name, run.path(final))
     return model, history

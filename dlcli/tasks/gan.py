@@ -8,12 +8,13 @@ Keras Model with a custom `train_step` that makes `d_steps` discriminator update
 noise each) and one generator update per batch, each network with its own optimizer;
 real labels are smoothed to `label_smoothing`.
 
-Why not `training.fit`: it saves the model with `model.save` and resumes with
-`load_model`, which would need this Model subclass registered for safe-mode loading and
-restores only the compile-time optimizer. Here each epoch's backup holds the two networks
+It trains through the engine's `training.fit` with its own `GanCheckpoint`: saving the
+FaceGAN with `model.save` would need this Model subclass registered for safe-mode loading
+and would restore only a compile-time optimizer, so each checkpoint holds the two networks
 as plain functional .keras files plus both optimizers' variables (`optimizers.npz`), and
 `--resume` rebuilds the optimizers and puts those variables back, so a resumed run
-continues exactly where the killed one stopped.
+continues exactly where the killed one stopped. The distance and the progress row of each
+epoch are per-epoch extras (`training.after_each_epoch`).
 
 Quality is measured, not eyeballed: the kernel two-sample distance MMD^2 (Gaussian
 kernels) between generated faces and held-out real faces, in a fixed feature space (the
@@ -29,10 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import faces, training
-from dlcli.errors import RunError, UsageError
-from dlcli.interrupts import StopOnSignal
+from dlcli.errors import UsageError
 from dlcli.lazy import lazy_import
-from dlcli.runs import link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
@@ -286,6 +285,28 @@ def new_gan(cfg: dict, backup: Path | None = None) -> "FaceGAN":
     return gan
 
 
+class GanCheckpoint(training.CheckpointState):
+    """A gan checkpoint: generator.keras, discriminator.keras and optimizers.npz; at the end
+    both networks are put in the run."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(model_file=GENERATOR_FILE)
+        self.cfg = cfg
+
+    def build(self):
+        return new_gan(self.cfg)
+
+    def restore(self, backup: Path):
+        return new_gan(self.cfg, backup)
+
+    def files(self, gan) -> dict:
+        return {GENERATOR_FILE: gan.generator.save, DISCRIMINATOR_FILE: gan.discriminator.save,
+                OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path)}
+
+    def outputs(self) -> dict:
+        return {GENERATOR_FILE: GENERATOR_FILE, DISCRIMINATOR_FILE: DISCRIMINATOR_FILE}
+
+
 # -- train / evaluate ---------------------------------------------------------------------
 
 
@@ -322,53 +343,20 @@ def train(ctx: Context) -> dict:
         seed = training.epoch_seed(cfg["seed"], epoch)
         return train_ds.shuffle(len(x_train), seed=seed).batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
-    point = training.resume_point(ctx)  # on a worker other than the chief: the chief's checkpoint
-    start, skip, history, states = point.epochs_done, point.steps_done, point.history, point.seed_states
-    with training.strategy_scope(ctx.strategy):
-        gan = new_gan(cfg, point.backup)
-    training.build_before_fit(gan, ctx.strategy, train_data(start))
     fixed = latent(PROGRESS_ROW, FIXED_SEED, cfg["code_size"])
     progress_path = run.path(PROGRESS_FILE)
-    progress = list(np.load(progress_path)[:start]) if start and progress_path.exists() else []
 
-    def networks() -> dict:
-        return {GENERATOR_FILE: gan.generator.save, DISCRIMINATOR_FILE: gan.discriminator.save,
-                OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path)}
+    def add_progress_row(gan, epoch: int, logs: dict) -> None:
+        """progress.npy gets the fixed batch's faces after each epoch; rows beyond the epochs
+        before this one (left by a run killed before its checkpoint) are cut."""
+        rows = list(np.load(progress_path)[:epoch]) if epoch and progress_path.exists() else []
+        rows.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
+        _save_npy(progress_path, np.stack(rows))
 
-    def save_mid_epoch(epoch: int, steps_done: int) -> None:
-        run.save_backup(epoch, history, networks(), steps_done=steps_done,
-                        extra={"seed_states": training.seed_states(gan), "metric_states": training.metric_states(gan)})
-
-    reporter.start(cfg["epochs"], initial_epoch=start)
-    with StopOnSignal() as stop:
-        watcher = training.StepWatcher(reporter, steps, stop, save_mid_epoch, cfg["save_every_steps"])
-        try:
-            for epoch in range(start, cfg["epochs"]):
-                training.reseed_model(gan, cfg["seed"], epoch)
-                data = watcher.data_for(epoch, start, skip, train_data(epoch), gan, states, point.metric_states)
-                result = gan.fit(data, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps - watcher.skipped,
-                                 callbacks=[watcher.callback], shuffle=False, verbose=0)
-                watcher.raise_if_stopped(run)
-                logs = {k: float(v[-1]) for k, v in result.history.items()}
-                if not all(np.isfinite(list(logs.values()))):
-                    raise RunError(f"the GAN's losses became NaN or infinite in epoch {epoch + 1} (try a lower --lr)")
-                watcher.check_finite(gan, run)
-                logs.update(quality(gan.generator))
-                history.append({"epoch": epoch + 1, **logs})
-                progress.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
-                _save_npy(progress_path, np.stack(progress))  # rows beyond the last backup are cut on resume
-                run.save_backup(epoch + 1, history, networks())
-                run.write_history(history)
-                reporter.end_epoch(epoch, logs)
-                watcher.raise_if_stopped(run, epoch_done=epoch + 1)
-        finally:
-            reporter.finish()
-    if start >= cfg["epochs"]:  # stopped after its last checkpoint: history.csv may lack the last row
-        training.ClusterWait.joined()
-        run.write_history(history)
-    last = run.latest_backup()
-    for name in (GENERATOR_FILE, DISCRIMINATOR_FILE):
-        link_or_copy(last / name, run.path(name))
+    extras = [training.after_each_epoch(lambda gan, epoch, logs: logs.update(quality(gan.generator))),
+              training.after_each_epoch(add_progress_row)]
+    gan, history = training.fit(ctx, GanCheckpoint(cfg), train_data, steps_per_epoch=steps, callbacks=extras,
+                                tensorboard=False)
     first, final = history[0], history[-1]
     return {"mmd": final["mmd"], "mmd_first_epoch": first["mmd"], "mmd_real": final["mmd_real"],
             "mmd_noise": final["mmd_noise"], "d_real": final["d_real"], "d_fake": final["d_fake"],
