@@ -229,6 +229,40 @@ def preprocess(name: str, images):
     return module.preprocess_input(tf.cast(images, tf.float32))
 
 
+# How each backbone's ImageNet weights want their pixels, in NumPy (for `predict` and exported
+# models, which run without TensorFlow): keras.applications' `preprocess_input` modes.
+NUMPY_MODES = {"inception_v3": "tf", "xception": "tf", "mobilenet_v2": "tf", "resnet50": "caffe",
+               "efficientnet_b0": "none", **{v: "lite" for v in efficientnet_lite.VARIANTS}}
+
+
+def preprocess_numpy(mode: str, images: np.ndarray) -> np.ndarray:
+    """uint8 RGB crops -> float32 as `preprocess` makes them, in NumPy (`NUMPY_MODES`)."""
+    x = images.astype(np.float32)
+    if mode == "lite":
+        return (x - 127.5) / 128.0
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":  # BGR, minus the ImageNet means
+        return x[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+    if mode == "none":
+        return x
+    raise ValueError(f"unknown preprocessing mode {mode!r}")
+
+
+def centre_crop_numpy(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> its square centre resized to size x size with Pillow (antialiased
+    bilinear: within one grey level of `crop_resize`, without TensorFlow)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top: top + side, left: left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR))
+
+
 def prepare_numpy(name: str, images: list[np.ndarray], size: int) -> np.ndarray:
     """Images of any size (uint8 RGB) -> one preprocessed float32 batch."""
     crops = np.stack([crop_resize(img, size).numpy() for img in images])

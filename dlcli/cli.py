@@ -643,10 +643,14 @@ def predict_command(
     seed: SampleSeedOpt = None,
     out: OutOpt = None,
     json_mode: JsonOpt = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per input, as soon as its batch is done.", show_default=False)] = False,
+    engine: Annotated[str, typer.Option("--engine", help="auto: the run's exported .tflite where it is current (no TensorFlow), else Keras; keras; lite.")] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Use a trained model on new inputs: `dlcli predict mnist digit.png more.png`.
 
+    Inputs may be files, directories (searched recursively for the task's file types), quoted
+    glob patterns ('photos/**/*.jpg') and `-` for paths on standard input, one a line.
     Task options (for example `--top-k 3`) come after the task; `dlcli tasks TASK` lists them.
     Files that cannot be read are reported by name; the others are still predicted.
     """
@@ -656,26 +660,60 @@ def predict_command(
     if verbatim and tokens[len(tokens) - len(verbatim):] == verbatim:
         tokens = tokens[: len(tokens) - len(verbatim)] + ["--", *verbatim]
     options, files = parse_task_options(tokens, task.predict_options, f"`dlcli predict {task_name}`")
+    if json_mode and jsonl:
+        raise UsageError("--json and --jsonl exclude each other: one document, or one object a line")
+    from dlcli import batchpredict, lite
+
+    if engine not in lite.ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(lite.ENGINES)}; got {engine!r}")
+    options["engine"] = engine
     run = _open_run(task_name, root, run_name, checkpoint)
     cfg = _run_config(task_name, run, {"seed": seed})
-    reporter = _reporter(json_mode, quiet)
+    reporter = _reporter(json_mode or jsonl, quiet)
     context = Context(cfg=cfg, run=run, reporter=reporter, options=options, checkpoint=checkpoint, out=out)
-    rows = task.predict(context, files)
-    failures = [r for r in rows if "error" in r]
+    rows = _predict_rows(task_name, task, context, files, batchpredict)
+    _print_predictions(rows, reporter, json_mode, jsonl)
+
+
+def _predict_rows(task_name: str, task, context: Context, files: list[str], batchpredict):
+    """The task's rows, lazily where the task streams (`predict_stream`), for the expanded inputs."""
+    if task_name not in batchpredict.FILE_TASKS or not files:
+        return task.predict(context, files)
+    items = batchpredict.expand(files, batchpredict.FILE_TASKS[task_name])
+    stream = getattr(sys.modules[f"dlcli.tasks.{task_name}"], "predict_stream", None)
+    if stream is not None:
+        return stream(context, items)
+    paths, errors = [], []
+    for item in items:
+        (errors if isinstance(item, dict) else paths).append(item)
+    return (task.predict(context, paths) if paths else []) + errors
+
+
+def _print_predictions(rows, reporter: Reporter, json_mode: bool, jsonl: bool) -> None:
+    """Each row as it comes (human lines, or JSON lines), errors on stderr; exit 2 if any failed."""
     if json_mode:
+        rows = list(rows)
         _emit_json(rows)
-    else:
+    failed = total = 0
+    try:
         for row in rows:
+            total += 1
             if "error" in row:
-                continue
-            shown = row.get("text") or "  ".join(f"{k} {_human(v)}" for k, v in row.items() if k not in ("input", "note"))
-            if row.get("note"):
-                shown += f"  ({row['note']})"
-            reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False, markup=False)
-    for row in failures:
-        ERR.print(f"[red]error:[/] {row['error']}", markup=True, highlight=False, soft_wrap=True)
-    if failures:
-        ERR.print(f"{len(failures)} of {len(rows)} inputs failed", highlight=False)
+                failed += 1
+                ERR.print(f"[red]error:[/] {escape(row['error'])}", markup=True, highlight=False, soft_wrap=True)
+            if jsonl:
+                sys.stdout.write(json.dumps(row, default=str) + "\n")
+                sys.stdout.flush()
+            elif not json_mode and "error" not in row:
+                shown = row.get("text") or "  ".join(f"{k} {_human(v)}" for k, v in row.items() if k not in ("input", "note"))
+                if row.get("note"):
+                    shown += f"  ({row['note']})"
+                reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False, markup=False)
+    except BrokenPipeError:  # `dlcli predict ... --jsonl | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141)
+    if failed:
+        ERR.print(f"{failed} of {total} inputs failed", highlight=False)
         raise typer.Exit(2)
 
 

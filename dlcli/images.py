@@ -70,8 +70,8 @@ def ranked_rows(paths: list[str], probs: np.ndarray, classes: list[str], k: int,
     """One row per image: its best class and probability, and the k best where k > 1."""
     k = max(1, min(k, len(classes)))
     rows = []
-    for path, p in zip(paths, probs):
-        top = np.argsort(p)[::-1][:k]
+    order = np.argsort(-np.asarray(probs), axis=1, kind="stable")[:, :k]  # one sort for the batch
+    for path, p, top in zip(paths, probs, order):
         ranked = [{key: classes[i], "probability": round(float(p[i]), 4)} for i in top]
         row = {"input": path, **ranked[0]}
         if k > 1:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from dlcli import data as data_lib
-from dlcli import training
+from dlcli import lite, training
+from dlcli.batchpredict import stream
 from dlcli.errors import UsageError
-from dlcli.images import in_input_order, ranked_rows, read_image, read_many
+from dlcli.images import ranked_rows, read_image
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -333,20 +335,28 @@ def to_input(image: np.ndarray) -> np.ndarray:
     return scale(image)
 
 
+def _finish(ctx: Context, model, classes: list[str], paths: list[str], images: list[np.ndarray]) -> list[dict]:
+    x = np.stack(images)
+    probs = model(x)
+    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it
+        probs = (probs + model(np.ascontiguousarray(x[:, :, ::-1]))) / 2
+    return ranked_rows(paths, probs, classes, ctx.options["top_k"])
+
+
+def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
+    """Rows for every input, a batch at a time (files decoded and resized ahead in threads)."""
+    if ctx.options["top_k"] < 1:
+        raise UsageError(f"--top-k must be >= 1; got {ctx.options['top_k']}")
+    model = lite.model_for(ctx, "cnn", lambda: _load(ctx))
+    classes = _classes(ctx)
+    yield from stream(items, lambda p: to_input(read_image(p, mode="RGB")),
+                      lambda paths, images: _finish(ctx, model, classes, paths, images), 128)
+
+
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     if not inputs:
         raise UsageError("give image files to classify: `dlcli predict cnn photo.jpg [more.jpg ...]`")
-    k = ctx.options["top_k"]
-    if k < 1:
-        raise UsageError(f"--top-k must be >= 1; got {k}")
-    model = _load(ctx)
-    classes = _classes(ctx)
-    good, images, failures = read_many(inputs, lambda p: to_input(read_image(p, mode="RGB")))
-    rows = []
-    if images:
-        probs, _ = predict_probabilities(model, np.stack(images), ctx.cfg["tta"])
-        rows = ranked_rows(good, probs, classes, k)
-    return in_input_order(inputs, rows + failures)
+    return list(predict_stream(ctx, inputs))
 
 
 # -- views --------------------------------------------------------------------------------

@@ -40,14 +40,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from dlcli import backbones
 from dlcli import data as data_lib
-from dlcli import training
+from dlcli import lite, training
+from dlcli.batchpredict import stream
 from dlcli.errors import UsageError
-from dlcli.images import in_input_order, ranked_rows, read_image, read_many
+from dlcli.images import ranked_rows, read_image
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json, link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
@@ -383,18 +385,28 @@ def evaluate(ctx: Context) -> dict:
 # -- predict ------------------------------------------------------------------------------
 
 
+def _finish(ctx: Context, model, classes: list[str], paths: list[str], crops: list[np.ndarray]) -> list[dict]:
+    x = backbones.preprocess_numpy(backbones.NUMPY_MODES[ctx.cfg["backbone"]], np.stack(crops))
+    probs = model(x)
+    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it
+        probs = (probs + model(np.ascontiguousarray(x[:, :, ::-1]))) / 2
+    return ranked_rows(paths, probs, classes, ctx.options["top_k"])
+
+
+def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
+    """Rows for every input, a batch at a time: files decoded, centre-cropped and resized ahead in
+    threads (NumPy and Pillow, no TensorFlow) while the model runs on the batch before."""
+    model = lite.model_for(ctx, "finetune", lambda: training.load_model(ctx.model_path, "finetune"))
+    classes = _classes(ctx)
+    size = ctx.cfg["image_size"]
+    yield from stream(items, lambda p: backbones.centre_crop_numpy(read_image(p, mode="RGB"), size),
+                      lambda paths, crops: _finish(ctx, model, classes, paths, crops), 32)
+
+
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     if not inputs:
         raise UsageError("give image files to classify: `dlcli predict finetune photo.jpg [more.jpg ...]`")
-    cfg = ctx.cfg
-    model = training.load_model(ctx.model_path, "finetune")
-    classes = _classes(ctx)
-    good, images, failures = read_many(inputs, lambda p: read_image(p, mode="RGB"))
-    rows = []
-    for start in range(0, len(images), 64):
-        chunk = backbones.prepare_numpy(cfg["backbone"], images[start:start + 64], cfg["image_size"])
-        rows += ranked_rows(good[start:start + 64], probabilities(model, cfg, chunk), classes, ctx.options["top_k"])
-    return in_input_order(inputs, rows + failures)
+    return list(predict_stream(ctx, inputs))
 
 
 # -- views --------------------------------------------------------------------------------
