@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -29,7 +28,7 @@ try:  # Typer >= 0.22 carries its own copy of Click
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
-from dlcli import __version__, config as config_lib, data as data_lib
+from dlcli import __version__, cluster, config as config_lib, data as data_lib
 from dlcli.errors import DlcliError, UsageError
 from dlcli.interrupts import stop_by_exception
 from dlcli.keyhelp import key_help
@@ -536,15 +535,7 @@ def train_command(
     }
     flags.update(_config_flags(list(ctx.args), task.defaults, task_name))
     run = None
-    if resume and os.environ.get("TF_CONFIG") and run_name:
-        from dlcli import training
-
-        if not training.is_chief() and not (root / task_name / run_name).is_dir():
-            kind, index, _ = training.cluster_task()
-            raise UsageError(
-                f"{kind} {index} cannot see the chief's run {root / task_name / run_name}: on --resume every worker "
-                "continues from the chief's checkpoints, so the workers need a --checkpoint-dir they all share"
-            )
+    cluster.check_worker_sees_chief(root, task_name, run_name, resume)
     if resume:
         run = _run_to_resume(root, task_name, run_name)
     if run is not None and (run.config_path.exists() or run.latest_backup() is not None):
@@ -558,18 +549,10 @@ def train_command(
         return
     data_lib.check_dataset(task_name, cfg["dataset"])  # before TensorFlow loads and before the run is made
     reporter = _reporter(json_mode, quiet)
-    strategy, chief_run = None, None
-    if cfg.get("strategy", "default") != "default":
-        from dlcli import training
-
-        strategy = training.make_strategy(cfg["strategy"], reporter.info)  # before any other TensorFlow work
-        if not training.is_chief():
-            # Workers other than the chief train in a private directory that is deleted
-            # afterwards; on --resume they load the chief's checkpoints.
-            if not run_name:
-                raise UsageError("every worker of a multi-worker run needs the same --run NAME")
-            chief_run = Run(task_name, root / task_name / run_name)
-            run = Run(task_name, Path(tempfile.mkdtemp(prefix=f"dlcli-{task_name}-worker-")))
+    # Before any other TensorFlow work. A worker other than the chief writes a private run,
+    # deleted at the end; on --resume it loads the chief's checkpoints.
+    strategy, chief_run, worker_run = cluster.start(cfg, root, task_name, run_name, reporter.info)
+    run = worker_run or run
     new_run = run is None
     run = run or Run.create(root, task_name, run_name)
     run.lock()

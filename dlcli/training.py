@@ -1,4 +1,4 @@
-"""The Keras training loop every Keras task shares.
+"""The Keras training loop every Keras task shares, and what a task's `train` calls.
 
 `fit` runs `model.fit` one epoch at a time so that each epoch is a checkpoint: after
 every epoch (and every `save_every_steps` steps, and on SIGINT/SIGTERM) it writes a
@@ -7,24 +7,28 @@ renamed into place when complete, so a killed process leaves only complete check
 `--resume` loads the newest one and carries on. Each epoch's shuffle order and dropout
 noise are derived from (seed, epoch), which is what makes a resumed run give the same
 history as an uninterrupted one, to the last digit.
+
+The engine's other pieces live in modules named for what they hold: `checkpoints` (what a
+checkpoint holds, model loading, resume points), `seeding`, `precision`, `cluster`
+(strategies and cluster roles) and `keras_workarounds`. The names a task's `train` uses
+from them are imported here too, so a task imports this one module.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import math
-import os
 import re
-import zipfile
-from pathlib import Path
 from typing import Callable, Iterable
 
-from dlcli.errors import RunError, UsageError
-from dlcli.interrupts import Interrupted, StopOnSignal
+from dlcli.checkpoints import CheckpointState, load_model, non_finite_error, resume_point, stopped  # noqa: F401
+from dlcli.cluster import ClusterWait, strategy_scope  # noqa: F401
+from dlcli.errors import RunError
+from dlcli.interrupts import StopOnSignal
+from dlcli.keras_workarounds import build_before_fit
 from dlcli.lazy import lazy_import
+from dlcli.precision import PRECISIONS, precision  # noqa: F401
 from dlcli.runs import link_or_copy
+from dlcli.seeding import epoch_seed, reseed_model, restore_seed_states, seed_states, set_seed  # noqa: F401
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -37,152 +41,6 @@ def keras_defaults() -> dict:
     save_every_steps: also checkpoint inside an epoch every N steps (0: at epoch ends only).
     """
     return {"jit_compile": False, "save_every_steps": 0, "strategy": "default"}
-
-
-def cluster_task() -> tuple[str, int, bool]:
-    """(task type, task index, whether the cluster has a chief) from TF_CONFIG."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return "chief", 0, True
-    try:
-        tf_config = json.loads(raw)
-        task = tf_config["task"]
-        return task["type"], int(task["index"]), "chief" in tf_config["cluster"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError("TF_CONFIG is not valid: expected {\"cluster\": {...}, \"task\": {\"type\": ..., \"index\": ...}}") from None
-
-
-def is_chief() -> bool:
-    """Only the chief writes checkpoints and logs: the "chief" task, else worker 0."""
-    kind, index, has_chief = cluster_task()
-    return kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
-
-
-def cpu_replicas() -> int:
-    """DLCLI_CPU_REPLICAS=N: with `mirrored` and no GPU, mirror over N logical CPU devices."""
-    raw = os.environ.get("DLCLI_CPU_REPLICAS", "").strip()
-    if not raw:
-        return 0
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"DLCLI_CPU_REPLICAS must be a positive whole number, got {raw!r}")
-    return int(raw)
-
-
-DEFAULT_WORKER_TIMEOUT = 600.0
-
-
-def worker_timeout() -> float:
-    """DLCLI_WORKER_TIMEOUT=SECONDS: how long a worker waits for the others to join (600)."""
-    raw = os.environ.get("DLCLI_WORKER_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_WORKER_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not (0 < value < float("inf")):
-        raise UsageError(f"DLCLI_WORKER_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
-
-
-class ClusterWait:
-    """Bounds the wait for the other workers: from the strategy's creation to the end of the
-    first training step (the first step every worker must take together). TensorFlow waits
-    inside C++ code that holds the GIL, where neither a Python thread nor a signal handler
-    runs, so a watchdog process does it: past the timeout it says what the worker waited
-    for, on stderr, and kills the worker (exit status 137)."""
-
-    current: "ClusterWait | None" = None
-
-    def __init__(self, timeout: float, what: str):
-        import subprocess
-        import sys
-
-        message = (f"error: waited {timeout:g} s for {what} and the cluster never took its first step together; "
-                   "start every worker (the same --run, and on --resume a --checkpoint-dir they all share), "
-                   "or give them longer with DLCLI_WORKER_TIMEOUT=SECONDS")
-        watchdog = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
-                    "sys.stderr.write(sys.argv[3] + '\\n'); sys.stderr.flush(); os.kill(int(sys.argv[1]), 9)")
-        self.process = subprocess.Popen([sys.executable, "-c", watchdog, str(os.getpid()), str(timeout), message],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        ClusterWait.current = self
-
-    @classmethod
-    def joined(cls) -> None:
-        if cls.current is not None:
-            cls.current.process.kill()
-            cls.current.process.wait()
-            cls.current = None
-
-
-def make_strategy(name: str, say: Callable[[str], None] | None = None):
-    """The tf.distribute strategy for `--set strategy=...` (validated by the config);
-    create it before any other TensorFlow work, as multi-worker training requires.
-    Multi-worker: `say` is told what the worker waits for, and the wait is bounded."""
-    if name == "mirrored":
-        replicas = cpu_replicas()
-        if replicas > 1 and not tf.config.list_physical_devices("GPU"):
-            # No GPU: split the CPU into logical devices, one replica each (how multi-replica
-            # code paths are tested on a machine without GPUs).
-            cpu = tf.config.list_physical_devices("CPU")[0]
-            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-            return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
-        return tf.distribute.MirroredStrategy()
-    if name == "multi-worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise UsageError("strategy multi-worker needs TF_CONFIG describing the cluster (see the README)")
-        kind, index, _ = cluster_task()  # validate it
-        workers = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
-        others = [f"{role} {i} ({address})" for role, addresses in workers.items() for i, address in enumerate(addresses)
-                  if (role, i) != (kind, index)]
-        what = "the other workers of the cluster: " + ", ".join(others)
-        timeout = worker_timeout()
-        if say is not None:
-            say(f"{kind} {index}: waiting for {what} (at most {timeout:g} s, DLCLI_WORKER_TIMEOUT)")
-        create = tf.distribute.MultiWorkerMirroredStrategy  # imports TensorFlow first: its time does not count
-        ClusterWait(timeout, what)
-        return create()  # waits here (and in the first step) for every worker
-    return None
-
-
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-
-
-def cpu_has_bfloat16() -> bool:
-    """Whether this x86 CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-@contextlib.contextmanager
-def precision(name: str):
-    """Build layers under a Keras dtype policy (`auto`: mixed_bfloat16 on a CPU-only machine
-    whose CPU has bfloat16 instructions, float32 elsewhere). The policy is saved with each
-    layer, so a loaded model computes as it was trained; the global policy is restored."""
-    if name == "auto":
-        name = "mixed_bfloat16" if not tf.config.list_physical_devices("GPU") and cpu_has_bfloat16() else "float32"
-    before = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield name
-    finally:
-        keras.config.set_dtype_policy(before)
-
-
-def set_seed(seed: int | None) -> None:
-    """Seed Python, NumPy and TensorFlow, and ask TensorFlow for deterministic kernels."""
-    if seed is None:
-        return
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-def epoch_seed(seed: int | None, epoch: int) -> int | None:
-    return None if seed is None else seed * 100_003 + epoch
 
 
 def array_epochs(x, y, batch_size: int, seed: int | None):
@@ -207,36 +65,6 @@ def array_epochs(x, y, batch_size: int, seed: int | None):
 def decay_per_epoch(lr: float, decay: float):
     """The learning rate times `decay` each epoch (a function of the epoch: resume-safe)."""
     return keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
-
-
-def _seed_generators(model) -> list:
-    from keras.src.random.seed_generator import SeedGenerator
-
-    found = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        found.extend(v for v in vars(layer).values() if isinstance(v, SeedGenerator))
-    return found
-
-
-def reseed_model(model, seed: int | None, epoch: int) -> None:
-    """Give every random layer (dropout, augmentation) a state derived from (seed, epoch)."""
-    if seed is None:
-        return
-    import numpy as np
-
-    for i, gen in enumerate(_seed_generators(model)):
-        gen.state.assign(np.array([epoch_seed(seed, epoch) + 7919 * i, 0], dtype=gen.state.dtype))
-
-
-def seed_states(model) -> list[list[int]]:
-    return [[int(v) for v in gen.state.numpy()] for gen in _seed_generators(model)]
-
-
-def restore_seed_states(model, states: list[list[int]]) -> None:
-    import numpy as np
-
-    for gen, state in zip(_seed_generators(model), states):
-        gen.state.assign(np.array(state, dtype=gen.state.dtype))
 
 
 def metric_states(model) -> list:
@@ -333,23 +161,17 @@ class StepWatcher:
     def raise_if_stopped(self, run, epoch_done: int | None = None) -> None:
         """After an epoch's `fit`: raise for a non-finite loss or weights or a mid-epoch stop;
         after the epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
-        resume = f"continue with `dlcli train {run.task} --run {run.name} --resume`"
-        if self.bad_loss_at is not None or self.bad_weights_at is not None:
-            kept = run.latest_backup()
-            if self.bad_loss_at is not None:
-                bad_epoch, step = self.bad_loss_at
-                what = f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}; "
-            else:
-                what = f"the weights became NaN or infinite in epoch {self.bad_weights_at + 1}; "
-            raise RunError(what + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
-                           + " (try a lower --lr)")
-        name = self.stop.signal_name
+        if self.bad_loss_at is not None:
+            bad_epoch, step = self.bad_loss_at
+            raise non_finite_error(run, f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}")
+        if self.bad_weights_at is not None:
+            raise non_finite_error(run, f"the weights became NaN or infinite in epoch {self.bad_weights_at + 1}")
         if self.stopped_at is not None:
             stop_epoch, step = self.stopped_at
-            raise Interrupted(name, f"stopped by {name} at epoch {stop_epoch + 1}, step {step}; progress saved "
-                                    f"in {run.latest_backup()}; {resume}")
+            raise stopped(self.stop, run, f"at epoch {stop_epoch + 1}, step {step}",
+                          f"progress saved in {run.latest_backup()}")
         if epoch_done is not None and self.stop.requested:
-            raise Interrupted(name, f"stopped by {name} after epoch {epoch_done}; progress saved; {resume}")
+            raise stopped(self.stop, run, f"after epoch {epoch_done}")
 
     def data_for(self, epoch: int, start: int, skip: int, data, model, states, metrics=None):
         """The epoch's data, less the batches a mid-epoch checkpoint had already trained on
@@ -360,98 +182,6 @@ class StepWatcher:
         restore_seed_states(model, states or [])
         self.metric_states = metrics
         return data.skip(self.skipped)
-
-
-def load_model(path: Path, task: str | None = None):
-    """Load a .keras file in safe mode, with a clear error for missing, corrupt or foreign files.
-
-    dlcli names every model `<task>_<variant>`, which is how a checkpoint of another task
-    is told apart before Keras is asked to build it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            model_config = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
-        raise UsageError(f"checkpoint {path} is not a Keras model file (corrupt or another format)") from None
-    inner = model_config.get("config") if isinstance(model_config, dict) else None
-    if not isinstance(inner, dict):
-        raise UsageError(f"checkpoint {path} is not a Keras model file (its config.json describes no model)")
-    name = str(inner.get("name", ""))
-    if task and not name.startswith(f"{task}_"):
-        raise UsageError(f"checkpoint {path} holds model {name!r}, not a {task} model")
-    try:
-        return keras.models.load_model(path, safe_mode=True, compile=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load checkpoint {path}: {first}") from None
-
-
-def strategy_scope(strategy):
-    """Where models and optimizers are built: the strategy's scope, or nothing special."""
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
-
-
-@dataclasses.dataclass
-class ResumePoint:
-    """Where training starts: a checkpoint and the state saved with it, or the beginning."""
-
-    backup: Path | None = None
-    epochs_done: int = 0
-    steps_done: int = 0  # batches of epoch `epochs_done + 1` already trained (a mid-epoch checkpoint)
-    history: list = dataclasses.field(default_factory=list)
-    seed_states: list | None = None
-    metric_states: list | None = None  # the running sums of the interrupted epoch's metrics
-
-
-def resume_point(ctx) -> ResumePoint:
-    """With --resume, the newest checkpoint (on a worker other than the chief, the chief's);
-    refuses a run that has already done `epochs` epochs."""
-    source = ctx.resume_from or ctx.run
-    backup = source.latest_backup() if ctx.resume else None
-    if backup is None:
-        return ResumePoint()
-    state = source.read_backup_state(backup)
-    point = ResumePoint(backup, state["epochs_done"], state.get("steps_done", 0), state["history"],
-                        state.get("seed_states"), state.get("metric_states"))
-    start, skip = point.epochs_done, point.steps_done
-    source.refuse_if_done(start, ctx.cfg["epochs"])
-    if start >= ctx.cfg["epochs"]:
-        ctx.reporter.info(f"{ctx.run.dir} had trained all {start} epochs when it stopped; finishing it")
-    else:
-        ctx.reporter.info(f"resuming {ctx.run.dir} after epoch {start}" + (f", step {skip} of epoch {start + 1}" if skip else ""))
-    return point
-
-
-def build_before_fit(model, strategy, dataset) -> None:
-    """Work around keras-team/keras#20585, Keras 3's fit() under MultiWorkerMirroredStrategy
-    (a no-op under any other strategy).
-
-    Two steps of Keras fail there: building the optimizer by reducing a distributed data
-    batch, and averaging scalar metrics across workers with `axis=0`. Build once from a
-    local batch, and average scalars over replicas with `axis=None`.
-    """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return
-    from keras.src.backend.tensorflow import trainer
-
-    batch = next(iter(dataset))
-    with strategy.scope():
-        model._symbolic_build(data_batch=batch)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    if getattr(trainer.reduce_per_replica, "dlcli_patched", False):
-        return
-    original = trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and reduction in ("auto", "mean"):
-            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica.dlcli_patched = True
-    trainer.reduce_per_replica = reduce_per_replica
 
 
 def tf_error_line(exc) -> str:
@@ -481,35 +211,6 @@ def raise_op_error(exc, ctx, epoch: int) -> None:
         raise RunError(f"no space left on the device while writing {run.dir} in epoch {epoch + 1}; "
                        f"free some space and continue with --resume") from None
     raise RunError(f"TensorFlow failed in epoch {epoch + 1}: {line}") from None
-
-
-class CheckpointState:
-    """What a task's checkpoints hold and how its model is made from nothing or from one.
-
-    The default: one Keras model, saved with its optimizer state as `model.keras` in every
-    checkpoint and linked into the run as `model_file` when training ends. A task with more
-    to keep subclasses it (the gan: two networks as .keras files and both optimizers'
-    variables); `build` and `restore` run inside the distribution strategy's scope.
-    """
-
-    def __init__(self, build: Callable[[], "keras.Model"] | None = None, model_file: str = "model.keras"):
-        self._build, self.model_file = build, model_file
-
-    def build(self):
-        """A new model, compiled, to train from the first epoch."""
-        return self._build()
-
-    def restore(self, backup: Path):
-        """The model as a checkpoint directory saved it (weights and optimizer state)."""
-        return load_model(backup / "model.keras")
-
-    def files(self, model) -> dict[str, Callable[[Path], object]]:
-        """The checkpoint's files: name -> writer(path), for `Run.save_backup`."""
-        return {"model.keras": model.save}
-
-    def outputs(self) -> dict[str, str]:
-        """Checkpoint file -> run file, put in place from the last checkpoint at the end."""
-        return {"model.keras": self.model_file}
 
 
 def after_each_epoch(action: Callable[[object, int, dict], None]):

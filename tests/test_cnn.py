@@ -59,7 +59,7 @@ def test_default_model_augments_only_in_training():
 def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
     import keras
 
-    from dlcli import training
+    from dlcli import precision, training
 
     cfg = {**cnn.DEFAULTS, "width": 8, "precision": "mixed_bfloat16"}
     model = cnn.build_model(cfg)
@@ -70,8 +70,8 @@ def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
     loaded = training.load_model(tmp_path / "m.keras", "cnn")
     assert loaded.get_layer("stem").compute_dtype == "bfloat16"
     assert cnn.build_model({**cfg, "precision": "float32"}).get_layer("stem").compute_dtype == "float32"
-    with training.precision("auto") as chosen:
-        assert chosen == ("mixed_bfloat16" if training.cpu_has_bfloat16() else "float32")
+    with precision.precision("auto") as chosen:
+        assert chosen == ("mixed_bfloat16" if precision.cpu_has_bfloat16() else "float32")
 
 
 def test_tta_averages_an_image_with_its_mirror():

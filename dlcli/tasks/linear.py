@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import data as data_lib
-from dlcli.errors import RunError, UsageError
-from dlcli.interrupts import Interrupted, StopOnSignal
+from dlcli.checkpoints import non_finite_error, resume_point, stopped
+from dlcli.errors import UsageError
+from dlcli.interrupts import StopOnSignal
 from dlcli.runs import atomic_write, link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
@@ -252,16 +253,12 @@ def train(ctx: Context) -> dict:
     X, y = expand(data["x_train"], cfg["features"]), data["y_train"]
     Xv, yv = expand(data["x_val"], cfg["features"]), data["y_val"]
     opt = Optimizer(cfg["optimizer"], cfg["lr"], cfg["alpha"], cfg["beta2"], cfg["eps"])
-    w, start, history = initial_weights(X.shape[1]), 0, []
-    backup = run.latest_backup() if ctx.resume else None
-    if backup is not None:
-        with np.load(backup / "state.npz", allow_pickle=False) as f:
+    point = resume_point(ctx)  # the Keras loop's reading of --resume: epochs done, history
+    w, start, history = initial_weights(X.shape[1]), point.epochs_done, point.history
+    if point.backup is not None:
+        with np.load(point.backup / "state.npz", allow_pickle=False) as f:
             w = f["w"]
             opt.state = {k[4:]: f[k] for k in f.files if k.startswith("opt_")}
-        state = run.read_backup_state(backup)
-        start, history = state["epochs_done"], state["history"]
-        run.refuse_if_done(start, cfg["epochs"])
-        reporter.info(f"resuming {run.dir} after epoch {start}")
     reporter.start(cfg["epochs"], initial_epoch=start)
     with StopOnSignal() as stop:
         try:
@@ -286,7 +283,7 @@ def _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop) -> None:
             w = opt.step(w, lambda v: gradient(v, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"]))
             reporter.batch(step, {"batch_loss": loss(w, X[idx], y[idx], cfg["mode"], cfg["l1"], cfg["l2"])})
         if not np.all(np.isfinite(w)):
-            raise_nan(epoch, run)
+            raise non_finite_error(run, f"the weights became NaN or infinite in epoch {epoch + 1}")
         logs = {**_metrics(w, X, y, cfg), **_metrics(w, Xv, yv, cfg, "val_")}
         history.append({"epoch": epoch + 1, **logs})
         state = {"w": w, **{f"opt_{k}": v for k, v in opt.state.items()}}
@@ -295,17 +292,7 @@ def _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop) -> None:
         run.write_history(history)
         reporter.end_epoch(epoch, logs)
         if stop.requested:
-            raise Interrupted(stop.signal_name, f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
-                              f"continue with `dlcli train linear --run {run.name} --resume`")
-
-
-def raise_nan(epoch: int, run) -> None:
-    kept = run.latest_backup()
-    raise RunError(
-        f"the weights became NaN or infinite in epoch {epoch + 1}; "
-        + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet")
-        + " (try a lower --lr)"
-    )
+            raise stopped(stop, run, f"after epoch {epoch + 1}")
 
 
 def evaluate(ctx: Context) -> dict:
