@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
+from dlcli.contract import Context, View
 from dlcli.errors import UsageError
 from dlcli.runs import atomic_write
-from dlcli.tasks import Context, View
 
 
 def pyplot():

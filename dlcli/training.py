@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 from dlcli.checkpoints import CheckpointState, load_model, non_finite_error, resume_point, stopped  # noqa: F401
 from dlcli.cluster import ClusterWait, strategy_scope  # noqa: F401
+from dlcli.contract import check_model_name
 from dlcli.errors import RunError
 from dlcli.interrupts import StopOnSignal
 from dlcli.keras_workarounds import build_before_fit
@@ -252,6 +253,7 @@ def fit(
     start, skip, history, states = point.epochs_done, point.steps_done, point.history, point.seed_states
     with strategy_scope(ctx.strategy):
         model = state.restore(point.backup) if point.backup else state.build()
+    check_model_name(run.task, model.name)
     epochs = cfg["epochs"]
 
     def save_mid_epoch(epoch: int, steps_done: int) -> None:

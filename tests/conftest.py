@@ -107,3 +107,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_drawn(path: Path, size: tuple[int, int] | None = None, min_colours: int = 8) -> np.ndarray:
+    """A view's PNG: a PNG file, about `size` (width, height, within 20 %: figures are saved
+    with tight bounding boxes) when given, and not blank (more than a few colours and some
+    spread of brightness). Returns its pixels."""
+    from PIL import Image
+
+    path = Path(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as img:
+        if size is not None:
+            assert all(0.8 * want <= got <= 1.2 * want for got, want in zip(img.size, size)), (path, img.size, size)
+        pixels = np.asarray(img.convert("RGB"))
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours >= min_colours and pixels.std() > 5, f"{path} looks blank ({colours} colours)"
+    return pixels

@@ -1,0 +1,227 @@
+"""The task contract: what a task module gives the CLI, and what the CLI gives it back.
+
+A task is a module (`dlcli/tasks/<name>.py`) with a module-level `TASK = TaskSpec(...)`.
+The registry (`dlcli.tasks`) imports it on first use and checks the spec with
+`check_spec` before the CLI sees it, so a task that breaks a rule below fails at once with
+one line naming the rule, not later with a traceback or a silently replaced view. The rules:
+
+1. `TaskSpec.name` is the module's name, and the name of the task's run folder.
+2. `defaults` holds `common_defaults(...)` (dataset, data_dir, epochs, batch_size, lr,
+   seed). A Keras task (its `model_file` ends in `.keras`) also holds
+   `training.keras_defaults()` (jit_compile, save_every_steps, strategy): the CLI reads
+   `cfg["strategy"]` to set up distribution before the task runs.
+3. Every Keras model a task saves is named `<task>_<variant>` (`mnist_cnn`): loading a
+   checkpoint tells a model of another task apart by that prefix before Keras builds it
+   (`checkpoints.load_model`), and `training.fit` refuses to train a model without it.
+4. View names are unique across all tasks and the generic views (`training-curves`): the
+   CLI looks a view up by its name alone.
+5. `predict` returns one dict per input. The CLI reads three keys: `input` (what the row
+   is about, printed before it), `error` (this input failed: printed on stderr, and the
+   command exits 2 after the other rows), `text` (the human line; otherwise the row's other
+   keys are printed as `key value`); `note` is printed after the line in brackets. Every
+   value must be JSON-serialisable for `--json`.
+6. Task functions raise `UsageError` for what the user can fix and `RunError` for work
+   that failed, never a bare exception; they import TensorFlow lazily (`dlcli.lazy`), so
+   reading a spec for `--help` or `dlcli tasks` stays fast.
+7. `data` says what `--dataset` takes (`DataRules`), so the CLI can refuse bad data in
+   milliseconds, before TensorFlow loads and before a run is made.
+
+This module imports nothing of dlcli but its errors (and `data` inside `on_other_data`,
+which imports no task): every other module may import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dlcli.errors import TaskError
+
+COMMON_KEYS = ("dataset", "data_dir", "epochs", "batch_size", "lr", "seed")
+KERAS_KEYS = ("jit_compile", "save_every_steps", "strategy")
+ROW_KEYS = ("input", "error", "text", "note")  # the prediction-row keys the CLI reads (rule 5)
+OPTION_TYPES = (int, float, str, bool)
+
+
+@dataclass
+class Option:
+    """A task-specific option of `predict` or `visualize` (`--top-k 5`): its type (int,
+    float, str or bool), default, help line, and how many values it takes."""
+
+    type: type
+    default: Any
+    help: str
+    nargs: int = 1
+
+
+@dataclass
+class View:
+    """A picture a task can draw from a run: `dlcli visualize NAME`. `draw(ctx)` writes a
+    PNG at `ctx.view_path(NAME)` and returns its path."""
+
+    draw: Callable[["Context"], Path]
+    help: str
+    options: dict[str, Option] = field(default_factory=dict)
+
+
+@dataclass
+class DataRules:
+    """What a task's `--dataset` takes, checked before TensorFlow loads (`data.check_dataset`):
+    the kinds its loader accepts (`tfds` for a tensorflow-datasets name, `npz`, `folder`,
+    `text`, `captions`), its built-in data names, the arrays an npz must hold, and whether
+    a folder is split into <split>/<label>/ (an image-classification folder)."""
+
+    kinds: tuple[str, ...]
+    builtin: tuple[str, ...] = ()
+    npz_keys: tuple[str, ...] = ()
+    labelled_folder: bool = False
+
+
+@dataclass
+class TaskSpec:
+    """One task, as the CLI sees it (the rules are in this module's docstring).
+
+    `train(ctx) -> metrics` trains `ctx.run` and returns its final metrics (written to
+    metrics.json); `evaluate(ctx) -> metrics`; `predict(ctx, inputs) -> rows`; `choices`
+    lists the allowed values of config keys; `views` maps view names to pictures;
+    `predict_options` are predict's own options; `model_file` is the run's model file,
+    which `ctx.model_path` points at.
+    """
+
+    name: str
+    summary: str
+    defaults: dict
+    train: Callable[["Context"], dict]
+    evaluate: Callable[["Context"], dict]
+    predict: Callable[["Context", list], list]
+    choices: dict[str, list] = field(default_factory=dict)
+    views: dict[str, View] = field(default_factory=dict)
+    predict_options: dict[str, Option] = field(default_factory=dict)
+    model_file: str = "model.keras"
+    data: DataRules | None = None
+
+    @property
+    def default_dataset(self) -> str:
+        return self.defaults["dataset"]
+
+    @property
+    def is_keras(self) -> bool:
+        return self.model_file.endswith(".keras")
+
+
+@dataclass
+class Context:
+    """Everything a task function needs: the resolved config, the run, the reporter."""
+
+    cfg: dict
+    run: Any  # dlcli.runs.Run
+    reporter: Any  # dlcli.progress.Reporter
+    options: dict = field(default_factory=dict)
+    resume: bool = False
+    checkpoint: Path | None = None  # an explicit model file instead of the run's
+    out: Path | None = None
+    strategy: Any = None  # a tf.distribute strategy, or None for the default
+    resume_from: Any = None  # on a non-chief worker: the chief's run, whose checkpoints it loads
+
+    @property
+    def model_path(self) -> Path:
+        return self.checkpoint or self.run.path(registered(self.run.task).model_file)
+
+    def view_path(self, view: str) -> Path:
+        """Where a view's PNG goes: `--out`, else the run's views/VIEW.png."""
+        return self.out or self.run.views_path(view)
+
+    @property
+    def on_other_data(self) -> bool:
+        """Whether `cfg["dataset"]` names other data than the run trained on (`eval --dataset OTHER`).
+
+        Then a task evaluates all of that data (or its test split), not the part its seed
+        would have held out for validation, and says how many items it scored.
+        """
+        if not self.run.config_path.exists():
+            return False
+        from dlcli.data import data_identity
+
+        trained = self.run.read_config()
+        return (data_identity(self.cfg.get("dataset"), self.cfg.get("data_dir"))
+                != data_identity(trained.get("dataset"), trained.get("data_dir")))
+
+
+def common_defaults(dataset: str, epochs: int, batch_size: int, lr: float, seed: int = 42) -> dict:
+    """The keys every task's config has, with the task's own values."""
+    return {
+        "dataset": dataset,
+        "data_dir": None,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+    }
+
+
+_REGISTERED: dict[str, TaskSpec] = {}
+_VIEW_OWNERS: dict[str, str] = {}  # view name -> the task (or "generic") that has it
+
+
+def register(spec: Any, name: str, generic_views: dict | None = None) -> TaskSpec:
+    """Check a task module's `TASK` against the contract and remember it (idempotent)."""
+    check_spec(spec, name)
+    for view_name in generic_views or {}:
+        _VIEW_OWNERS.setdefault(view_name, "generic")
+    for view_name in spec.views:
+        owner = _VIEW_OWNERS.get(view_name, name)
+        if owner != name:
+            raise TaskError(f"task {name}: view {view_name!r} is already a view of "
+                            f"{'every task' if owner == 'generic' else 'task ' + owner}; view names must be unique (rule 4)")
+    for view_name in spec.views:
+        _VIEW_OWNERS[view_name] = name
+    _REGISTERED[name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Forget a task (tests that register a task of their own)."""
+    spec = _REGISTERED.pop(name, None)
+    for view_name in spec.views if spec else ():
+        if _VIEW_OWNERS.get(view_name) == name:
+            del _VIEW_OWNERS[view_name]
+
+
+def registered(name: str) -> TaskSpec:
+    """A registered task's spec (the registry's `get_task` registers a task when it loads it)."""
+    if name not in _REGISTERED:
+        raise TaskError(f"task {name} is not registered; load it with dlcli.tasks.get_task first")
+    return _REGISTERED[name]
+
+
+def check_spec(spec: Any, name: str) -> None:
+    """Rules 1, 2 and 7, and the shape of views and options: one clear line per broken rule."""
+    where = f"task module {name}"
+    if not isinstance(spec, TaskSpec):
+        raise TaskError(f"{where}: TASK must be a dlcli.contract.TaskSpec, got {type(spec).__name__}")
+    if spec.name != name:
+        raise TaskError(f"{where}: TASK.name is {spec.name!r}; it must be the module's name {name!r} (rule 1)")
+    missing = [k for k in COMMON_KEYS if k not in spec.defaults]
+    if missing:
+        raise TaskError(f"task {name}: defaults lack {', '.join(missing)}; start them with common_defaults(...) (rule 2)")
+    missing = [k for k in KERAS_KEYS if k not in spec.defaults] if spec.is_keras else []
+    if missing:
+        raise TaskError(f"task {name}: a Keras task's defaults need training.keras_defaults() ({', '.join(missing)} missing) (rule 2)")
+    for view_name, view in spec.views.items():
+        if not isinstance(view, View) or not callable(view.draw):
+            raise TaskError(f"task {name}: view {view_name!r} must be a View with a draw(ctx) function")
+    options = {**{f"predict option {k}": o for k, o in spec.predict_options.items()},
+               **{f"view {v} option {k}": o for v, view in spec.views.items() for k, o in view.options.items()}}
+    for label, option in options.items():
+        if not isinstance(option, Option) or option.type not in OPTION_TYPES:
+            raise TaskError(f"task {name}: {label} must be an Option of type int, float, str or bool")
+    if spec.data is not None and not isinstance(spec.data, DataRules):
+        raise TaskError(f"task {name}: data must be a DataRules (rule 7)")
+
+
+def check_model_name(task: str, model_name: str) -> None:
+    """Rule 3: a task's Keras models are named `<task>_<variant>`."""
+    if not str(model_name).startswith(f"{task}_"):
+        raise TaskError(f"task {task} built a model named {model_name!r}; a task's Keras models must be named "
+                        f"'{task}_<variant>' so their checkpoints can be told apart (rule 3)")

@@ -1,0 +1,103 @@
+"""The task contract (dlcli/contract.py): a minimal task runs through every command, and a
+task that breaks a rule is refused when it is registered, with one line naming the rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+
+from dlcli import contract, tasks
+from dlcli.errors import TaskError
+from tests import minimal_task
+from tests.conftest import assert_drawn
+
+
+@pytest.fixture
+def minimal():
+    tasks.add_task("minimal", "tests.minimal_task")
+    yield
+    tasks.remove_task("minimal")
+
+
+def test_a_minimal_task_runs_through_train_eval_predict_visualize(cli, minimal, tmp_path):
+    trained = cli.json("train", "minimal", "--run", "a", "--quiet")
+    run_dir = cli.root / "minimal" / "a"
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "model.keras", "history.csv", "metrics.json", "backup"}
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3 and history[0].startswith("epoch,")
+    mse = cli.json("eval", "minimal", "--run", "a")["metrics"]["mse"]
+    assert mse < 0.5  # the line is learnt (predicting the mean of y would score 4/3)
+    assert mse == pytest.approx(trained["metrics"]["loss"], rel=0.5)
+    rows = json.loads(cli("predict", "minimal", "1", "x", "--digits", "1", "--run", "a", "--json", expect=2).stdout)
+    assert rows[1] == {"input": "x", "error": "'x' is not a number"}  # rule 5: that input failed, exit 2
+    assert rows[0]["input"] == "1" and rows[0]["y"] == round(rows[0]["y"], 1)
+    out = tmp_path / "fit.png"
+    shown = cli("visualize", "minimal-fit", "--run", "a", "--out", str(out))
+    assert shown.stdout.strip() == str(out)
+    assert_drawn(out, size=(440, 330))
+    listed = cli("tasks").stdout
+    assert "minimal" in listed and "minimal-fit" in listed
+
+
+def _module(tmp_path, monkeypatch, name: str, **changes) -> str:
+    """A task module `name` that is the minimal task with `changes` to its spec."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = ("from dataclasses import replace\nfrom tests import minimal_task as m\n"
+            f"TASK = replace(m.TASK, name={changes.pop('spec_name', name)!r}, **m.CHANGES[{name!r}])\n")
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.setattr(minimal_task, "CHANGES", {name: changes}, raising=False)
+    sys.modules.pop(name, None)
+    return name
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("dupview", {"views": {"training-curves": minimal_task.TASK.views["minimal-fit"]}},
+     "view 'training-curves' is already a view of every task; view names must be unique (rule 4)"),
+    ("dupview2", {"views": {"gan-samples": minimal_task.TASK.views["minimal-fit"]}},
+     "view 'gan-samples' is already a view of task gan"),
+    ("badname", {"spec_name": "other"}, "TASK.name is 'other'; it must be the module's name 'badname' (rule 1)"),
+    ("nokeras", {"defaults": {k: v for k, v in minimal_task.DEFAULTS.items() if k != "strategy"}},
+     "a Keras task's defaults need training.keras_defaults() (strategy missing) (rule 2)"),
+    ("nocommon", {"defaults": {k: v for k, v in minimal_task.DEFAULTS.items() if k != "seed"}},
+     "defaults lack seed; start them with common_defaults(...) (rule 2)"),
+    ("badoption", {"predict_options": {"digits": 3}}, "predict option digits must be an Option"),
+])
+def test_a_task_breaking_a_rule_is_refused_at_registration(tmp_path, monkeypatch, cli, name, changes, message):
+    module = _module(tmp_path, monkeypatch, name, **changes)
+    tasks.get_task("gan")  # its views are registered
+    with pytest.raises(TaskError) as info:
+        tasks.add_task(name, module)
+    assert message in str(info.value)
+    assert name not in tasks.TASK_NAMES  # a refused task is not half-registered
+    # through the CLI: one line, exit 1, no traceback
+    monkeypatch.setattr(tasks, "_MODULES", {**tasks._MODULES, name: module})
+    monkeypatch.setattr(tasks, "TASK_NAMES", tasks.TASK_NAMES)
+    result = cli("eval", name, expect=1)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_without_the_task_prefix_is_refused():
+    contract.check_model_name("mnist", "mnist_cnn")
+    with pytest.raises(TaskError, match=r"named 'cnn_default'; a task's Keras models must be named 'mnist_<variant>'"):
+        contract.check_model_name("mnist", "cnn_default")
+
+
+def test_the_contract_module_is_the_bottom_floor():
+    """contract imports dlcli's errors and (in a function) data, which import no other dlcli
+    module: so every module may import the contract, with no circle."""
+    import ast
+    from pathlib import Path
+
+    def dlcli_imports(module) -> set:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module.startswith("dlcli")}
+
+    from dlcli import data, errors
+
+    assert dlcli_imports(contract) == {"dlcli.errors", "dlcli.data"}
+    assert dlcli_imports(data) <= {"dlcli.errors", "dlcli.lazy"} and dlcli_imports(errors) == set()
+    assert dataclasses.is_dataclass(contract.TaskSpec)
