@@ -170,15 +170,6 @@ def save_png(image: np.ndarray, path: Path, scale: int = 1) -> Path:
     return atomic_write(Path(path), lambda tmp: pic.save(tmp, format="PNG"))
 
 
-def save_npz(path: Path, **arrays) -> Path:
-    """Arrays to an .npz file, atomically."""
-    from dlcli.runs import atomic_write
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    return atomic_write(Path(path), write)
 
 
 def to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:

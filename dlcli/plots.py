@@ -125,7 +125,7 @@ def training_curves(ctx: Context) -> Path:
         ax.set_title(name)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{ctx.run.task} / {ctx.run.name}")
-    return save_figure(fig, ctx.out or ctx.run.views_path("training-curves"))
+    return save_figure(fig, ctx.view_path("training-curves"))
 
 
 GENERIC_VIEWS = {

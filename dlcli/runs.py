@@ -104,6 +104,28 @@ def atomic_write_json(path: Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
+def atomic_write_npz(path: Path, **arrays) -> Path:
+    """NumPy arrays to an .npz file, atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # an open file: np.savez would append .npz to the tmp name
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)
+
+
+def atomic_write_npy(path: Path, array) -> Path:
+    """One NumPy array to an .npy file, atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    return atomic_write(path, write)
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
@@ -256,12 +278,6 @@ class Run:
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, {"task": self.task, **metrics})
-
-    def read_metrics(self) -> dict:
-        try:
-            return json.loads(self.metrics_path.read_text())
-        except (OSError, ValueError):
-            return {}
 
     def read_json(self, name: str, default: Any = None) -> Any:
         """A JSON file saved with the run (classes, vocabulary); `default` where it is absent."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dlcli import plots
+from dlcli.contract import Context
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def _overlap(a, b) -> bool:
 def test_training_curves_whole_epochs_readable_lr_and_legends_only_to_tell_lines_apart(captured, tmp_path):
     rows = [{"epoch": e, "loss": 1.0 / e, "val_loss": 1.2 / e, "learning_rate": 1e-3 * 0.9 ** (e - 1)} for e in (1, 2, 3)]
     run = SimpleNamespace(read_history=lambda: rows, task="mnist", name="r", views_path=lambda v: tmp_path / f"{v}.png")
-    plots.training_curves(SimpleNamespace(run=run, out=None))
+    plots.training_curves(Context(cfg={}, run=run, reporter=None))
     fig = captured[0]
     loss, lr = fig.axes
     assert [t for t in loss.get_xticks() if 1 <= t <= 3] == [1, 2, 3]  # no 1.5, 2.5 on a 3-epoch run

@@ -23,6 +23,7 @@ from dlcli import faces, training
 from dlcli.errors import UsageError
 from dlcli.images import in_input_order, read_many
 from dlcli.lazy import lazy_import
+from dlcli.runs import atomic_write_npz
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
@@ -161,7 +162,7 @@ def index_codes(ctx: Context, encoder, folder: str) -> tuple[list[str], np.ndarr
     ctx.reporter.info(f"indexing {len(files)} faces of {folder} (cached in {cache.parent})")
     codes = encoder.predict(scale(faces.read_faces(files, ctx.cfg)), batch_size=256, verbose=0)
     paths = np.array([str(f) for f in files])
-    faces.save_npz(cache, paths=paths, codes=codes)
+    atomic_write_npz(cache, paths=paths, codes=codes)
     return [str(p) for p in paths], codes
 
 
@@ -281,7 +282,7 @@ def view_reconstructions(ctx: Context) -> Path:
     axes[0, 0].set_title("original", fontsize=7, loc="left")
     axes[1, 0].set_title(f"code ({codes.shape[1]})", fontsize=7, loc="left")
     fig.suptitle(f"autoencoder / {ctx.run.name}: held-out faces, mean mse {mse.mean():.4f}")
-    return save_figure(fig, ctx.out or ctx.run.views_path("autoencoder-reconstructions"))
+    return save_figure(fig, ctx.view_path("autoencoder-reconstructions"))
 
 
 def view_similar(ctx: Context) -> Path:
@@ -299,7 +300,7 @@ def view_similar(ctx: Context) -> Path:
         found, dist = nearest(train_codes, code, k)
         images += [img, *split["x_train"][found]]
         titles += ["query", *[f"d {d:.2f}" for d in dist]]
-    return image_grid(images, ctx.out or ctx.run.views_path("autoencoder-similar"), titles=titles, cols=k + 1,
+    return image_grid(images, ctx.view_path("autoencoder-similar"), titles=titles, cols=k + 1,
                       suptitle=f"autoencoder / {ctx.run.name}: nearest training faces in code space")
 
 
@@ -315,7 +316,7 @@ def view_morph(ctx: Context) -> Path:
     images = []
     for i in range(0, len(codes) - 1, 2):
         images += list(unscale(decoder.predict(morph_codes(codes[i], codes[i + 1], steps), verbose=0)))
-    return image_grid(images, ctx.out or ctx.run.views_path("autoencoder-morph"), cols=steps,
+    return image_grid(images, ctx.view_path("autoencoder-morph"), cols=steps,
                       suptitle=f"autoencoder / {ctx.run.name}: morphing between held-out faces")
 
 

@@ -55,7 +55,7 @@ from dlcli import training
 from dlcli.errors import UsageError
 from dlcli.images import in_input_order, read_image, read_many
 from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write, atomic_write_json
+from dlcli.runs import atomic_write_json, atomic_write_npz
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
@@ -290,11 +290,7 @@ def embeddings(ctx: Context, data: CaptionData, items: list[tuple[str, list[str]
     for _, crops in _crops(cfg, data, items, split):
         out.append(encoder.predict(np.asarray(backbones.preprocess(cfg["backbone"], crops)), verbose=0))
     vectors = np.concatenate(out).astype(np.float32)
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=np.array(ids), embeddings=vectors)
-
-    atomic_write(path, write)
+    atomic_write_npz(path, ids=np.array(ids), embeddings=vectors)
     return vectors
 
 
@@ -588,7 +584,7 @@ def view_samples(ctx: Context) -> Path:
                 bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none"})
     how = f"beam {ctx.options['beam']}" if ctx.options["beam"] > 1 else "greedy"
     fig.suptitle(f"caption / {ctx.run.name}: held-out images, generated ({how}) and reference captions")
-    return save_figure(fig, ctx.out or ctx.run.views_path("caption-samples"))
+    return save_figure(fig, ctx.view_path("caption-samples"))
 
 
 DECODE_OPTIONS = {

@@ -129,10 +129,6 @@ def scale(x):
     return tf.cast(x, tf.float32) / 255.0 - 0.5
 
 
-def unscale(x: np.ndarray) -> np.ndarray:
-    return np.clip(x + 0.5, 0.0, 1.0)
-
-
 def split_validation(x: np.ndarray, y: np.ndarray, val_size: int, seed: int | None):
     """Hold out `val_size` training images drawn at random (image folders come sorted by class)."""
     if val_size <= 0:
@@ -363,7 +359,7 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
 
 
 def _view_path(ctx: Context, name: str) -> Path:
-    return ctx.out or ctx.run.views_path(name)
+    return ctx.view_path(name)
 
 
 def _conv_layers(model) -> list:

@@ -25,6 +25,7 @@ faces: what a perfect generator would score) and `mmd_noise` (uniform noise imag
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from dlcli import faces, training
 from dlcli.errors import UsageError
 from dlcli.lazy import lazy_import
+from dlcli.runs import atomic_write_npy, atomic_write_npz
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
@@ -93,15 +95,10 @@ def make_optimizers(cfg: dict):
             keras.optimizers.Adam(cfg["d_lr"], beta_1=0.5, name="discriminator_adam"))
 
 
+@functools.cache
 def face_gan_class():
     """FaceGAN, defined on first use so that importing this module never loads TensorFlow."""
-    global FaceGAN
-    if FaceGAN is None:
-        FaceGAN = _define_face_gan()
-    return FaceGAN
-
-
-FaceGAN = None
+    return _define_face_gan()
 
 
 def _define_face_gan():
@@ -310,16 +307,6 @@ class GanCheckpoint(training.CheckpointState):
 # -- train / evaluate ---------------------------------------------------------------------
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    from dlcli.runs import atomic_write
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-
-    atomic_write(path, write)
-
-
 def scale(x: np.ndarray) -> np.ndarray:
     return x.astype("float32") / 255.0
 
@@ -333,7 +320,7 @@ def train(ctx: Context) -> dict:
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
     reporter.info(f"{len(x_train)} training and {len(x_val)} held-out faces, {cfg['image_size']}x{cfg['image_size']}")
     fmap = fit_features(x_train)
-    faces.save_npz(run.path(FEATURES_FILE), **fmap)
+    atomic_write_npz(run.path(FEATURES_FILE), **fmap)
     quality = Quality(x_val, fmap, cfg["mmd_samples"], cfg["seed"])
     batch = min(cfg["batch_size"], len(x_train))
     steps = len(x_train) // batch  # whole batches only: every step sees `batch` real faces
@@ -351,7 +338,7 @@ def train(ctx: Context) -> dict:
         before this one (left by a run killed before its checkpoint) are cut."""
         rows = list(np.load(progress_path)[:epoch]) if epoch and progress_path.exists() else []
         rows.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
-        _save_npy(progress_path, np.stack(rows))
+        atomic_write_npy(progress_path, np.stack(rows))
 
     extras = [training.after_each_epoch(lambda gan, epoch, logs: logs.update(quality(gan.generator))),
               training.after_each_epoch(add_progress_row)]
@@ -419,7 +406,7 @@ def view_samples(ctx: Context) -> Path:
     generator = training.load_model(ctx.model_path, "gan")
     n = ctx.options["n"]
     images = to_pixels(generator.predict(latent(n, FIXED_SEED, generator.input_shape[-1]), verbose=0))
-    return image_grid(list(images), ctx.out or ctx.run.views_path("gan-samples"), cols=8, tile_inches=0.9,
+    return image_grid(list(images), ctx.view_path("gan-samples"), cols=8, tile_inches=0.9,
                       suptitle=f"gan / {ctx.run.name}: the fixed latent batch")
 
 
@@ -435,7 +422,7 @@ def view_progress(ctx: Context) -> Path:
     for epoch in range(len(rows)):
         mmd = history[epoch]["mmd"] if epoch < len(history) else float("nan")
         titles += [f"epoch {epoch + 1} mmd {mmd:.3f}"] + [""] * (rows.shape[1] - 1)
-    return image_grid(list(rows.reshape(-1, *rows.shape[2:])), ctx.out or ctx.run.views_path("gan-progress"),
+    return image_grid(list(rows.reshape(-1, *rows.shape[2:])), ctx.view_path("gan-progress"),
                       titles=titles, cols=rows.shape[1], tile_inches=0.9,
                       suptitle=f"gan / {ctx.run.name}: the fixed latent batch after each epoch")
 
@@ -459,7 +446,7 @@ def view_discriminator(ctx: Context) -> Path:
     ax.set_xlabel("discriminator's probability of 'real'")
     ax.legend(fontsize=8)
     ax.set_title(f"gan / {ctx.run.name}: {len(x_val)} held-out faces")
-    return save_figure(fig, ctx.out or ctx.run.views_path("gan-discriminator"))
+    return save_figure(fig, ctx.view_path("gan-discriminator"))
 
 
 TASK = TaskSpec(

@@ -25,7 +25,7 @@ from dlcli import data as data_lib
 from dlcli.checkpoints import non_finite_error, resume_point, stopped
 from dlcli.errors import UsageError
 from dlcli.interrupts import StopOnSignal
-from dlcli.runs import atomic_write, link_or_copy
+from dlcli.runs import atomic_write_npz, link_or_copy
 from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
@@ -225,12 +225,7 @@ def _metrics(w, X, y, cfg, prefix="") -> dict:
 
 def _save_model(path: Path, w: np.ndarray, cfg: dict) -> None:
     meta = json.dumps({"task": "linear", "mode": cfg["mode"], "features": cfg["features"]})
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, w=w, meta=np.array(meta))
-
-    atomic_write(path, write)
+    atomic_write_npz(path, w=w, meta=np.array(meta))
 
 
 def load_model(path: Path) -> tuple[np.ndarray, dict]:
@@ -375,7 +370,7 @@ def view_boundary(ctx: Context) -> Path:
     else:
         ax.scatter(x[:, 0], x[:, 1], c=y, cmap="viridis", edgecolors="white", linewidths=0.6, s=18)
     ax.set_title(f"linear / {ctx.run.name}: {meta['mode']}, {meta['features']} features")
-    return save_figure(fig, ctx.out or ctx.run.views_path("linear-boundary"))
+    return save_figure(fig, ctx.view_path("linear-boundary"))
 
 
 def view_optimizers(ctx: Context) -> Path:
@@ -396,7 +391,7 @@ def view_optimizers(ctx: Context) -> Path:
     ax.set_title(f"optimizers: seed {opts['seed']}, batch {opts['batch']} drawn with replacement")
     ax.legend()
     ax.grid(alpha=0.3)
-    return save_figure(fig, ctx.out or ctx.run.views_path("linear-optimizers"))
+    return save_figure(fig, ctx.view_path("linear-optimizers"))
 
 
 TASK = TaskSpec(

@@ -372,7 +372,7 @@ def view_confusion(ctx: Context) -> Path:
     classes = _classes(ctx)
     matrix = confusion_matrix(arrays["y_test"], probs.argmax(1), len(classes))
     acc = np.trace(matrix) / matrix.sum()
-    return confusion_plot(matrix, classes, ctx.out or ctx.run.views_path("mnist-confusion"),
+    return confusion_plot(matrix, classes, ctx.view_path("mnist-confusion"),
                           f"mnist / {ctx.run.name}: test accuracy {acc:.4f}")
 
 
@@ -390,7 +390,7 @@ def view_errors(ctx: Context) -> Path:
     wrong = np.nonzero(pred != arrays["y_test"])[0]
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ctx.options["n"]]
     titles = [error_caption(classes[arrays["y_test"][i]], classes[pred[i]], probs[i, pred[i]]) for i in wrong]
-    return image_grid([arrays["x_test"][i] for i in wrong], ctx.out or ctx.run.views_path("mnist-errors"),
+    return image_grid([arrays["x_test"][i] for i in wrong], ctx.view_path("mnist-errors"),
                       titles=titles, cols=8, suptitle=f"mnist / {ctx.run.name}: {len(np.nonzero(pred != arrays['y_test'])[0])} test errors, most confident first")
 
 

@@ -462,7 +462,7 @@ def view_samples(ctx: Context) -> Path:
     ax.set_ylim(0, n + 1.3)
     where = f" after {prefix!r}" if prefix else ""
     ax.set_title(f"names / {ctx.run.name}: samples{where} (grey: in the training data)", pad=20)
-    return save_figure(fig, ctx.out or ctx.run.views_path("names-samples"))
+    return save_figure(fig, ctx.view_path("names-samples"))
 
 
 def view_next_char(ctx: Context) -> Path:
@@ -486,7 +486,7 @@ def view_next_char(ctx: Context) -> Path:
     fig.colorbar(image, ax=ax, label="probability")
     bpc = bits_per_char(probs[None], y)
     ax.set_title(f"names / {ctx.run.name}: next token along {name!r} ({bpc:.2f} bits/char; red: actual)")
-    return save_figure(fig, ctx.out or ctx.run.views_path("names-next-char"))
+    return save_figure(fig, ctx.view_path("names-next-char"))
 
 
 TASK = TaskSpec(
