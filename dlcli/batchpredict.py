@@ -13,9 +13,9 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections import deque
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
+from queue import Empty, Full, Queue
 from typing import Any, Callable, Iterable, Iterator
 
 from dlcli.errors import UsageError
@@ -94,38 +94,77 @@ def _attempt(prepare: Callable[[str], Any], path: str):
         return None, f"{path}: cannot use this input ({type(exc).__name__}: {exc})"
 
 
+_END = object()
+
+
 def stream(items: Iterable[str | dict], prepare: Callable[[str], Any],
            finish: Callable[[list[str], list[Any]], list[dict]], batch_size: int,
-           ahead: int = 2, workers: int | None = None) -> Iterator[dict]:
+           ahead: int = 2, workers: int | None = None, wait: float = 0.05) -> Iterator[dict]:
     """Rows for every item in order, one batch at a time.
 
-    `prepare(path)` runs in a thread pool (decode + per-image preprocessing; a `UsageError`
-    names a bad file); `finish(paths, prepared)` runs the model on a batch and returns one row
-    per path. While `finish` works on one batch, the next `ahead` batches are being prepared.
-    Error rows from `expand` pass through at their place.
+    A feeder thread reads the items (a directory walk, stdin) and hands each path to a thread
+    pool for `prepare(path)` (decode + per-image preprocessing; a `UsageError` names a bad
+    file), at most `ahead` batches ahead of the model, so memory stays flat. `finish(paths,
+    prepared)` runs the model on a batch and returns one row per path. A batch is cut short
+    when no new input came for `wait` seconds (a slow stdin), so rows never wait for inputs
+    that have not been given yet. Error rows from `expand` pass through at their place.
     """
-    items = iter(items)
-    pending: deque = deque()
+    queue: Queue = Queue(maxsize=(ahead + 1) * batch_size)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        def fill():
-            while len(pending) <= ahead:
-                chunk = list(islice(items, batch_size))
-                if not chunk:
-                    return
-                pending.append([(x, None) if isinstance(x, dict) else (x, pool.submit(_attempt, prepare, x))
-                                for x in chunk])
+        stop = threading.Event()
 
-        fill()
-        while pending:
-            chunk = pending.popleft()
-            fill()
-            done = [(x, None if future is None else future.result()) for x, future in chunk]
-            good = [(x, result[0]) for x, result in done if result is not None and result[1] is None]
-            rows = iter(finish([x for x, _ in good], [p for _, p in good]) if good else [])
-            for x, result in done:
-                if result is None:
-                    yield x
-                elif result[1] is not None:
-                    yield _error(x, result[1])
-                else:
-                    yield next(rows)
+        def feed():
+            try:
+                for x in items:
+                    entry = (x, None) if isinstance(x, dict) else (x, pool.submit(_attempt, prepare, x))
+                    while not stop.is_set():
+                        try:
+                            queue.put(entry, timeout=0.1)
+                            break
+                        except Full:
+                            continue
+                    if stop.is_set():
+                        return
+                queue.put((_END, None))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                queue.put((_END, exc))
+
+        feeder = threading.Thread(target=feed, name="dlcli-inputs", daemon=True)
+        feeder.start()
+        try:
+            done = False
+            while not done:
+                chunk = []
+                entry = queue.get()
+                while True:
+                    if entry[0] is _END:
+                        if entry[1] is not None:
+                            raise entry[1]
+                        done = True
+                        break
+                    chunk.append(entry)
+                    if len(chunk) >= batch_size:
+                        break
+                    try:
+                        entry = queue.get(timeout=wait)
+                    except Empty:
+                        break
+                if chunk:
+                    yield from _rows(chunk, finish)
+        finally:
+            stop.set()
+            for future in [e[1] for e in list(queue.queue) if e[1] is not None and hasattr(e[1], "cancel")]:
+                future.cancel()
+
+
+def _rows(chunk: list, finish) -> Iterator[dict]:
+    done = [(x, None if future is None else future.result()) for x, future in chunk]
+    good = [(x, result[0]) for x, result in done if result is not None and result[1] is None]
+    rows = iter(finish([x for x, _ in good], [p for _, p in good]) if good else [])
+    for x, result in done:
+        if result is None:
+            yield x
+        elif result[1] is not None:
+            yield _error(x, result[1])
+        else:
+            yield next(rows)

@@ -700,6 +700,44 @@ def _print_predictions(rows, reporter: Reporter, json_mode: bool, jsonl: bool) -
         raise typer.Exit(2)
 
 
+@app.command("export", cls=TaskHelp)
+@handle_errors
+def export_command(
+    task_name: TaskArg,
+    run_name: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    root: RootOpt = DEFAULT_ROOT,
+    fmt: Annotated[str, typer.Option("--format", help="tflite (what predict can run without TensorFlow) or savedmodel.")] = "tflite",
+    out: Annotated[Optional[Path], typer.Option("--out", help="The folder to write (default: the run's export/).", show_default=False)] = None,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a run's model (mnist, cnn, finetune; the autoencoder's encoder) with its class names
+    and preprocessing beside it. A current `<run>/export/model.tflite` makes `predict` start fast."""
+    from dlcli import export as export_lib
+
+    if task_name not in export_lib.EXPORTABLE:
+        raise UsageError(f"task {task_name} cannot be exported; these can: {', '.join(export_lib.EXPORTABLE)}")
+    if fmt not in export_lib.FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(export_lib.FORMATS)}; got {fmt!r}")
+    run = _open_run(task_name, root, run_name, checkpoint)
+    cfg = _run_config(task_name, run, {})
+    reporter = _reporter(json_mode, quiet)
+    context = Context(cfg=cfg, run=run, reporter=reporter, checkpoint=checkpoint)
+    module = sys.modules[f"dlcli.tasks.{task_name}"]
+    classes = module._classes(context) if hasattr(module, "_classes") else None
+    reporter.status(f"exporting {task_name} / {run.name} as {fmt}")
+    try:
+        meta = export_lib.export(task_name, run, context.model_path, fmt, out, classes)
+    finally:
+        reporter.finish()
+    folder = Path(out) if out is not None else run.path("export")
+    if json_mode:
+        _emit_json({**meta, "folder": str(folder)})
+    elif not quiet:
+        Console().print(str(folder / meta["file"]), highlight=False)
+
+
 @app.command("visualize", context_settings=EXTRA_ARGS, cls=TaskHelp)
 @handle_errors
 def visualize_command(

@@ -11,8 +11,10 @@ run's current model: same task, and the model file unchanged since the export; o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +62,21 @@ def check_export(tflite: Path, task: str, model_file: Path | None) -> str | None
     return None
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """LiteRT's C++ side prints "INFO: Created TensorFlow Lite XNNPACK delegate" on fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class LiteModel:
     """A `.tflite` classifier run by LiteRT on float32 batches of any size."""
 
@@ -69,7 +86,8 @@ class LiteModel:
         except ImportError:  # the TensorFlow package carries the same interpreter
             from tensorflow.lite.python.interpreter import Interpreter  # noqa: PLC0415
         try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+            with _quiet_stderr():
+                self.interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
         except (ValueError, RuntimeError) as exc:
             raise UsageError(f"{path}: not a TFLite model ({str(exc).strip().splitlines()[0]})") from None
         self.input = self.interpreter.get_input_details()[0]
@@ -79,7 +97,8 @@ class LiteModel:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.batch != len(x):
             self.interpreter.resize_tensor_input(self.input["index"], [len(x), *x.shape[1:]])
-            self.interpreter.allocate_tensors()
+            with _quiet_stderr():
+                self.interpreter.allocate_tensors()
             self.batch = len(x)
         self.interpreter.set_tensor(self.input["index"], np.ascontiguousarray(x, np.float32))
         self.interpreter.invoke()
@@ -117,7 +136,12 @@ def model_for(ctx, task: str, load_keras: Callable[[], object]):
                 return LiteModel(tflite)
             if engine == "lite":
                 raise UsageError(problem)
-            ctx.reporter.warn(f"not using the export: {problem}; predicting with the Keras model")
+            from rich.console import Console
+            from rich.markup import escape
+
+            Console(stderr=True, highlight=False).print(
+                f"[yellow]warning:[/] not using the export: {escape(problem)}; predicting with the Keras model",
+                soft_wrap=True)
         elif engine == "lite":
             raise UsageError(f"run {ctx.run.name} has no export; run `dlcli export {task} --run {ctx.run.name} "
                              f"--format tflite` first")
