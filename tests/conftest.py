@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from dlcli.cli import app
@@ -124,3 +125,27 @@ def assert_drawn(path: Path, size: tuple[int, int] | None = None, min_colours: i
     colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
     assert colours >= min_colours and pixels.std() > 5, f"{path} looks blank ({colours} colours)"
     return pixels
+
+
+def draw_face(rng: np.random.Generator, size: int = 128) -> Image.Image:
+    """A face-like picture: an oval of skin on a plain background, two eyes and a mouth."""
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    cx, cy = (size // 2 + rng.integers(-4, 5, 2)).tolist()
+    r = int(rng.integers(size // 4, size // 3))
+    draw.ellipse([cx - r, cy - 1.2 * r, cx + r, cy + 1.2 * r],
+                 fill=(int(rng.integers(150, 240)), int(rng.integers(100, 180)), int(rng.integers(60, 120))))
+    for dx in (-r // 2.5, r // 2.5):
+        draw.ellipse([cx + dx - 5, cy - 14, cx + dx + 5, cy - 4], fill=(30, 30, 30))
+    draw.rectangle([cx - r // 3, cy + r // 2.6, cx + r // 3, cy + r // 2.6 + 4], fill=(120, 30, 30))
+    return img
+
+
+def make_faces(folder: Path, n: int, seed: int = 0) -> Path:
+    """n face-like JPEGs in per-person sub-folders, like the LFW layout."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        person = folder / f"Person_{i % 4}"
+        person.mkdir(parents=True, exist_ok=True)
+        draw_face(rng).save(person / f"Person_{i % 4}_{i:04d}.jpg")
+    return folder

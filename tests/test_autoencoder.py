@@ -8,38 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dlcli import faces
 from dlcli.errors import UsageError
 from dlcli.tasks import autoencoder
-from tests.conftest import Cli, shared_data
+from tests.conftest import Cli, assert_drawn, make_faces, shared_data
 
 FAST = ["--epochs", "2", "--batch-size", "16", "--set", "val_fraction=0.25", "--quiet"]
-
-
-def draw_face(rng: np.random.Generator, size: int = 128) -> Image.Image:
-    """A face-like picture: an oval of skin on a plain background, two eyes and a mouth."""
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
-    draw = ImageDraw.Draw(img)
-    cx, cy = (size // 2 + rng.integers(-4, 5, 2)).tolist()
-    r = int(rng.integers(size // 4, size // 3))
-    draw.ellipse([cx - r, cy - 1.2 * r, cx + r, cy + 1.2 * r],
-                 fill=(int(rng.integers(150, 240)), int(rng.integers(100, 180)), int(rng.integers(60, 120))))
-    for dx in (-r // 2.5, r // 2.5):
-        draw.ellipse([cx + dx - 5, cy - 14, cx + dx + 5, cy - 4], fill=(30, 30, 30))
-    draw.rectangle([cx - r // 3, cy + r // 2.6, cx + r // 3, cy + r // 2.6 + 4], fill=(120, 30, 30))
-    return img
-
-
-def make_faces(folder: Path, n: int, seed: int = 0) -> Path:
-    """n face-like JPEGs in per-person sub-folders, like the LFW layout."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        person = folder / f"Person_{i % 4}"
-        person.mkdir(parents=True, exist_ok=True)
-        draw_face(rng).save(person / f"Person_{i % 4}_{i:04d}.jpg")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +181,7 @@ def test_predict_bad_usage_is_one_line_exit_2(trained, cli, face_dir, tmp_path):
 
 def test_views(trained, cli):
     for view in ("autoencoder-reconstructions", "autoencoder-similar", "autoencoder-morph"):
-        with open(cli.json("visualize", view)["path"], "rb") as fh:
-            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", view
+        assert_drawn(cli.json("visualize", view)["path"])
 
 
 @pytest.mark.slow

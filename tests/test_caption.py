@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dlcli.tasks import caption
-from tests.conftest import Cli, shared_data
+from tests.conftest import Cli, assert_drawn, shared_data
 
 COLOURS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (220, 30, 30)}
 SMALL = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none",
@@ -144,7 +144,7 @@ def test_predict_many_images_with_each_decoder(trained, tmp_path):
 
 def test_caption_samples_view(trained):
     view = trained["cli"].json("visualize", "caption-samples", "--run", "tiny", "--n", "4", "--beam", "2")
-    assert Path(view["path"]).read_bytes()[:4] == b"\x89PNG"
+    assert_drawn(view["path"])
 
 
 def test_bad_captions_folder_and_offline_weights(cli, tmp_path, monkeypatch):

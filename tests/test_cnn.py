@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dlcli.tasks import cnn
-from tests.conftest import shared_data
+from tests.conftest import assert_drawn, shared_data
 
 CLASSES = ("cross", "ring", "stripes")
 
@@ -112,7 +112,10 @@ def test_train_eval_predict_and_every_view(cli, root, folder, tmp_path):
                    "--width", "8", "--val-size", "6", "--run", "r1")
     run = Path(out["run"])
     metrics = out["metrics"]
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_loss"])
+    # Scored on the 12 test images: a whole number of them right. (Four steps of a batch-norm
+    # model are no measure of learning; the slow test holds the course model above chance.)
+    assert metrics["test_accuracy"] * 12 == pytest.approx(round(metrics["test_accuracy"] * 12), abs=1e-4)
+    assert np.isfinite(metrics["test_loss"])
     assert json.loads((run / "classes.json").read_text()) == list(CLASSES)
     assert (run / "model.keras").exists() and (run / "metrics.json").exists()
 
@@ -142,7 +145,7 @@ def test_train_eval_predict_and_every_view(cli, root, folder, tmp_path):
         shown = cli.json("visualize", view, "--run", "r1", *view_options.get(view, []))
         path = Path(shown["path"])
         assert path == run / "views" / f"{view}.png" and path.stat().st_size > 1000
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_drawn(path)
 
     wrong = cli("visualize", "cnn-stimuli", "--run", "r1", "--layer", "nope", expect=2)
     assert "--layer" in wrong.stderr

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Cli, digit_images
-from tests.test_autoencoder import make_faces
+from tests.conftest import Cli, digit_images, make_faces
 
 TASKS = ("mnist", "gan", "linear")
 

@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -49,11 +48,12 @@ def _wait_for(path_glob, root, proc, timeout=120):
 
 
 def test_sigterm_mid_epoch_saves_and_resume_continues_exactly(cli, big_digits, root):
-    three = ("--epochs", "3")  # the signal lands early in epoch 2, however fast the machine
+    # 375 steps an epoch, a checkpoint every 100: the signal comes when epoch 2 has at least
+    # 75 steps to go (a checkpoint of epoch 2 is on disk), however fast or slow the machine.
+    three = ("--epochs", "3", "--set", "save_every_steps=100")
     cli.runner.invoke(app, ["train", *_args(big_digits, root, "--run", "straight", *three)])
     proc = _start(big_digits, root, "stopped", *three)
-    _wait_for("mnist/stopped/backup/epoch-0001/state.json", root, proc)
-    time.sleep(0.05)
+    _wait_for("mnist/stopped/backup/epoch-0001-step-*/state.json", root, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -69,8 +69,9 @@ def test_sigterm_mid_epoch_saves_and_resume_continues_exactly(cli, big_digits, r
 
 def test_sigkill_while_checkpoints_are_written_leaves_only_complete_files(cli, big_digits, root):
     proc = _start(big_digits, root, "killed", "--set", "save_every_steps=3")
-    _wait_for("mnist/killed/backup/epoch-*/state.json", root, proc)
-    time.sleep(random.uniform(0.2, 1.5))  # saving every 3 steps: most moments are mid-write
+    # Saving every 3 steps, the run is writing a checkpoint most of the time once its second
+    # one is there (tests/test_crash_points.py kills at every single write, deterministically).
+    _wait_for("mnist/killed/backup/epoch-0000-step-000006/state.json", root, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_dir = root / "mnist" / "killed"
@@ -80,7 +81,9 @@ def test_sigkill_while_checkpoints_are_written_leaves_only_complete_files(cli, b
     assert complete
     for checkpoint in complete:
         state = json.loads((checkpoint / "state.json").read_text())
-        assert state["epochs_done"] >= 0
+        step = state["steps_done"]
+        assert checkpoint.name == f"epoch-{state['epochs_done']:04d}" + (f"-step-{step:06d}" if step else "")
+        assert state["steps_done"] % 3 == 0 and len(state["history"]) == state["epochs_done"]
         keras.models.load_model(checkpoint / "model.keras")  # never torn
     result = cli.runner.invoke(app, ["train", *_args(big_digits, root, "--run", "killed", "--resume")])
     assert result.exit_code == 0, result.stderr

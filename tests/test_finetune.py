@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Cli, shared_data
+from tests.conftest import Cli, assert_drawn, shared_data
 
 COLOURS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (220, 30, 30)}
 SMALL = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none",
@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
 
 def test_two_phases_in_one_history_and_it_learns(trained):
     history = trained["cli"].json("visualize", "training-curves", "--task", "finetune")
-    assert Path(history["path"]).read_bytes()[:4] == b"\x89PNG"
+    assert_drawn(history["path"])
     rows = (trained["dir"] / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     phases = [float(r.split(",")[header.index("phase")]) for r in rows[1:]]
@@ -162,7 +162,7 @@ def test_eval_predict_and_samples_view(trained, tmp_path):
     text = cli("predict", "finetune", red).stdout
     assert f"{red}: red " in text
     view = cli.json("visualize", "finetune-samples", "--n", "6")
-    assert Path(view["path"]).read_bytes()[:4] == b"\x89PNG"
+    assert_drawn(view["path"])
 
 
 def test_default_backbone_fine_tunes_with_its_installed_imagenet_weights_offline(cli, tmp_path):

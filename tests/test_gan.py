@@ -16,8 +16,7 @@ from PIL import Image
 
 from dlcli import faces
 from dlcli.tasks import gan
-from tests.conftest import Cli, free_port, shared_data
-from tests.test_autoencoder import draw_face, make_faces
+from tests.conftest import Cli, assert_drawn, draw_face, free_port, make_faces, shared_data
 
 FAST = ["--batch-size", "16", "--set", "val_fraction=0.25", "--set", "code_size=32", "--quiet"]
 
@@ -155,8 +154,7 @@ def test_predict_same_seed_same_faces(trained_cli, tmp_path):
 def test_views(trained_cli):
     cli = trained_cli[0]
     for view in ("gan-samples", "gan-progress", "gan-discriminator"):
-        with open(cli.json("visualize", view, "--run", "straight")["path"], "rb") as fh:
-            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", view
+        assert_drawn(cli.json("visualize", view, "--run", "straight")["path"])
 
 
 @pytest.mark.slow

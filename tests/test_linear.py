@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dlcli.tasks import linear
+from tests.conftest import assert_drawn
 
 
 def numeric_gradient(f, w, h=1e-5):
@@ -71,8 +72,7 @@ def test_train_eval_predict_visualize(cli, tmp_path):
     assert rows[0]["label"] == 1 and rows[1]["label"] == 0  # inside / outside the circle
 
     for view in ("linear-boundary", "linear-optimizers"):
-        path = cli.json("visualize", view)["path"]
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert_drawn(cli.json("visualize", view)["path"])
 
 
 def test_regression_mode_and_npz_data(cli, tmp_path):

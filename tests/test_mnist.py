@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dlcli.tasks import mnist
-from tests.conftest import digit_images, render_digit
+from tests.conftest import assert_drawn, digit_images, render_digit
 
 FAST = ["--epochs", "2", "--batch-size", "32", "--set", "val_size=50", "--quiet"]
 
@@ -94,8 +94,7 @@ def test_to_mnist_centres_and_normalises():
 def test_views(trained, cli):
     for view in ("mnist-confusion", "mnist-errors", "training-curves"):
         data = cli.json("visualize", view, "--task", "mnist") if view == "training-curves" else cli.json("visualize", view)
-        with open(data["path"], "rb") as fh:
-            assert fh.read(8) == b"\x89PNG\r\n\x1a\n", view
+        assert_drawn(data["path"])
 
 
 def test_models_build_with_the_expected_shapes():

@@ -11,9 +11,8 @@ from typer.testing import CliRunner
 from dlcli.cli import app
 from dlcli.runs import Run
 from dlcli.tasks import names
-from tests.conftest import shared_data
+from tests.conftest import assert_drawn, shared_data
 
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 # -- pieces -------------------------------------------------------------------------------
@@ -190,10 +189,10 @@ def test_bad_predict_input_is_one_line_exit_2(trained, args, message):
 def test_views_draw_pngs(trained, tmp_path):
     cli = trained[0]
     path = cli.json("visualize", "names-samples", "--n", "5", "--prefix", "Ma")["path"]
-    assert Path(path).read_bytes()[:8] == PNG
+    assert_drawn(path)
     out = tmp_path / "next.png"
     cli.json("visualize", "names-next-char", "--name", "Mary", "--out", str(out))
-    assert out.read_bytes()[:8] == PNG
+    assert_drawn(out)
     result = cli("visualize", "names-next-char", "--name", "M4ry", expect=2)
     assert "'4'" in result.stderr
 
