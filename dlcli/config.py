@@ -73,7 +73,9 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "d_l2": _range(0, 1000),
     "d_lr": _range(0, lo_open=True),
     "d_steps": _range(1, 100),
-    "mmd_samples": _range(2, 1_000_000),
+    "kid_samples": _range(2, 1_000_000),
+    "kid_image_size": _range(32, 1024),
+    "ema": _range(0, 1, hi_open=True, note=" (0: no weight average)"),
     "alpha": _range(0, 1.5),  # linear: the momentum / moving-mean factor; backbones: the width multiplier
     "beta2": _range(0, 1, hi_open=True),
     "eps": _range(0, 1, lo_open=True),

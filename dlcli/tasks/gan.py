@@ -1,26 +1,38 @@
-"""Task `gan`: a DCGAN that draws 36x36 faces (week 4 of the course, honour track).
+"""Task `gan`: a GAN that draws 36x36 faces (week 4 of the course, honour track).
 
-The generator is the course's (code 256 -> dense 640 elu -> 8x8x10 -> transposed convs
--> 36x36x3, linear output on the [0, 1] pixel scale). The discriminator is a small
-strided conv net ending in dense 256 tanh and one logit (the course's 2-way log-softmax
-in its equivalent one-logit form) with an L2 penalty on that last layer. `FaceGAN` is a
-Keras Model with a custom `train_step` that makes `d_steps` discriminator updates (fresh
-noise each) and one generator update per batch, each network with its own optimizer;
-real labels are smoothed to `label_smoothing`.
+Two models (`model`):
+- `dcgan` (the default): code 128 -> dense 9x9x128 -> two stride-2 transposed convs (64, 32
+  filters) with BatchNorm and ReLU -> 3x3 conv, sigmoid; a light discriminator of three
+  stride-2 convs (32/64/128, leaky ReLU) and one logit. Trained with one discriminator step
+  per generator step, the non-saturating loss, DiffAugment (colour and translation, on real
+  and generated faces alike, so the discriminator cannot memorise 10k faces) and an
+  exponential moving average of the generator's weights (`ema`) that draws the samples.
+- `course`: the course's generator (dense 640 elu -> 8x8x10 -> transposed convs -> 36x36x3,
+  linear output) and its discriminator (strided convs, dense 256 tanh, one logit, L2 penalty
+  `d_l2` on the last layers). The old default recipe is this with `batch_size 100, code_size
+  256, d_steps 2, label_smoothing 0.9, augment false, ema 0` (README).
+
+`FaceGAN` is a Keras Model with a custom `train_step` that makes `d_steps` discriminator
+updates (fresh noise each) and one generator update per batch, each network with its own
+optimizer; real labels are smoothed to `label_smoothing` (1: none). The moving average is
+Keras's own optimizer EMA (`use_ema`, with a warm-up), so it lives in the generator
+optimizer's variables and resumes exactly with them.
 
 It trains through the engine's `training.fit` with its own `GanCheckpoint`: saving the
 FaceGAN with `model.save` would need this Model subclass registered for safe-mode loading
-and would restore only a compile-time optimizer, so each checkpoint holds the two networks
+and would restore only a compile-time optimizer, so each checkpoint holds the networks
 as plain functional .keras files plus both optimizers' variables (`optimizers.npz`), and
 `--resume` rebuilds the optimizers and puts those variables back, so a resumed run
 continues exactly where the killed one stopped. The distance and the progress row of each
 epoch are per-epoch extras (`training.after_each_epoch`).
 
-Quality is measured, not eyeballed: the kernel two-sample distance MMD^2 (Gaussian
-kernels) between generated faces and held-out real faces, in a fixed feature space (the
-top principal components of the training faces at half resolution). Each epoch's history
-row has `mmd` beside two references: `mmd_real` (held-out faces against other held-out
-faces: what a perfect generator would score) and `mmd_noise` (uniform noise images).
+Quality is measured the way the field does (`dlcli.image_distance`): KID (with its standard
+error) and FID between `kid_samples` generated faces and as many held-out real faces, on
+EfficientNet-Lite0's pooled ImageNet features at `kid_image_size` pixels. Beside them in
+every history row: the floor `kid_real` / `fid_real` (held-out faces against other held-out
+faces: what a perfect generator would score at this size) and `kid_noise` / `fid_noise`
+(uniform noise images). The held-out faces' features are computed once and kept in the run
+(`kid_features.npz`). The old home-made distance (MMD on principal components) is gone.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import faces, training
+from dlcli import faces, image_distance, training
 from dlcli.errors import UsageError
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_npy, atomic_write_npz
@@ -40,18 +52,24 @@ keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
 
 DEFAULTS = {
-    **common_defaults(dataset="lfw", epochs=10, batch_size=100, lr=2e-4),
+    **common_defaults(dataset="lfw", epochs=20, batch_size=64, lr=2e-4),
     **training.keras_defaults(),
     **faces.face_defaults(image_size=36),
-    "code_size": 256,
-    "d_steps": 2,
+    "model": "dcgan",
+    "code_size": 128,
+    "d_steps": 1,
     "d_lr": 2e-4,
-    "label_smoothing": 0.9,
+    "label_smoothing": 1.0,
     "d_l2": 1e-3,
-    "mmd_samples": 500,
+    "augment": True,
+    "ema": 0.999,
+    "kid_samples": 500,
+    "kid_image_size": image_distance.FEATURE_SIZE,
 }
+CHOICES = {"model": ["dcgan", "course"]}
 GENERATOR_FILE, DISCRIMINATOR_FILE = "generator.keras", "discriminator.keras"
-OPTIMIZERS_FILE, FEATURES_FILE, PROGRESS_FILE = "optimizers.npz", "mmd_features.npz", "progress.npy"
+LIVE_GENERATOR_FILE = "generator_live.keras"  # with `ema`: the trained weights; generator.keras holds their average
+OPTIMIZERS_FILE, KID_FILE, PROGRESS_FILE = "optimizers.npz", "kid_features.npz", "progress.npy"
 FIXED_SEED = 20240  # the latent batch of gan-samples/gan-progress: the same for every run
 PROGRESS_ROW = 8
 
@@ -60,6 +78,45 @@ PROGRESS_ROW = 8
 
 
 def build_generator(cfg: dict):
+    """The `model`'s generator: codes -> images on the [0, 1] pixel scale."""
+    return _course_generator(cfg) if cfg["model"] == "course" else _dcgan_generator(cfg)
+
+
+def build_discriminator(cfg: dict):
+    """The `model`'s discriminator: images on [0, 1] -> one logit."""
+    return _course_discriminator(cfg) if cfg["model"] == "course" else _dcgan_discriminator(cfg)
+
+
+def _dcgan_generator(cfg: dict):
+    """size/4 x size/4 x 128 -> two stride-2 transposed convs -> size x size x 3 (sigmoid)."""
+    size = cfg["image_size"]
+    if size % 4:
+        raise UsageError(f"the dcgan generator doubles its size twice; image_size must be a multiple of 4, got {size}")
+    z = keras.Input((cfg["code_size"],), name="code")
+    x = keras.layers.Dense(size // 4 * size // 4 * 128, use_bias=False)(z)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Reshape((size // 4, size // 4, 128))(x)
+    for filters in (64, 32):
+        x = keras.layers.Conv2DTranspose(filters, 4, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    out = keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="image")(x)
+    return keras.Model(z, out, name="gan_generator")
+
+
+def _dcgan_discriminator(cfg: dict):
+    """Three stride-2 convs (32/64/128, leaky ReLU) and one logit: a tenth of the course's
+    discriminator's work per image, so a step costs mostly the generator."""
+    size = cfg["image_size"]
+    x_in = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(2.0, offset=-1.0)(x_in)  # [0, 1] pixels -> [-1, 1]
+    for filters, kernel in ((32, 4), (64, 4), (128, 3)):
+        x = keras.layers.Conv2D(filters, kernel, strides=2, padding="same")(x)
+        x = keras.layers.LeakyReLU(0.2)(x)
+    logit = keras.layers.Dense(1, name="logit")(keras.layers.Flatten()(x))
+    return keras.Model(x_in, logit, name="gan_discriminator")
+
+
+def _course_generator(cfg: dict):
     """The course's generator; 36x36 comes from 8 -> 12 -> 16 -> 32 -> 34 -> 36 -> 38 -> 36."""
     if cfg["image_size"] != 36:
         raise UsageError(f"the course's generator draws 36x36 faces; image_size must be 36, got {cfg['image_size']}")
@@ -75,7 +132,7 @@ def build_generator(cfg: dict):
     return keras.Model(z, out, name="gan_generator")
 
 
-def build_discriminator(cfg: dict):
+def _course_discriminator(cfg: dict):
     """Strided convs (no pooling, leaky ReLU: the DCGAN advice), dense 256 tanh, one logit."""
     size = cfg["image_size"]
     x_in = keras.Input((size, size, 3), name="image")
@@ -90,9 +147,61 @@ def build_discriminator(cfg: dict):
 
 
 def make_optimizers(cfg: dict):
-    """(generator, discriminator) optimizers: Adam with beta_1 0.5, the DCGAN setting."""
-    return (keras.optimizers.Adam(cfg["lr"], beta_1=0.5, name="generator_adam"),
+    """(generator, discriminator) optimizers: Adam with beta_1 0.5, the DCGAN setting; with
+    `ema` > 0 the generator's keeps the moving average of its weights."""
+    ema = {"use_ema": True, "ema_momentum": cfg["ema"]} if cfg["ema"] > 0 else {}
+    return (warm_ema_adam_class()(cfg["lr"], beta_1=0.5, name="generator_adam", **ema),
             keras.optimizers.Adam(cfg["d_lr"], beta_1=0.5, name="discriminator_adam"))
+
+
+@functools.cache
+def warm_ema_adam_class():
+    """Adam whose weight average (Keras's `use_ema`) decays at min(ema, (1 + t) / (10 + t)) at
+    step t: plain EMA at 0.999 would average over the first thousand steps, random start
+    included, which is most of a short run; the warm-up averages over about the last t/10.
+    Defined on first use: importing this module loads no TensorFlow."""
+
+    class WarmEmaAdam(keras.optimizers.Adam):
+        @property
+        def ema_momentum(self):
+            top = self._ema_top
+            if not getattr(self, "_ema_warm", False):  # while Keras sets it up
+                return top
+            t = keras.ops.cast(self.iterations, "float32")
+            return keras.ops.minimum(top, (1.0 + t) / (10.0 + t))
+
+        @ema_momentum.setter
+        def ema_momentum(self, value):
+            self._ema_top = value
+
+        def build(self, variables):
+            super().build(variables)
+            self._ema_warm = True
+
+    return WarmEmaAdam
+
+
+def diff_augment(x, seed, shift: int):
+    """DiffAugment (Zhao et al. 2020): random brightness, saturation, contrast and a translation
+    of up to `shift` pixels (zero padding), per image, differentiable, on [0, 1] images. Applied
+    to every image the discriminator sees, real or generated, in both steps."""
+    n = tf.shape(x)[0]
+
+    def uniform(shape):
+        return keras.random.uniform(shape, seed=seed)
+
+    x = x + (uniform((n, 1, 1, 1)) - 0.5) * 0.5
+    mean = tf.reduce_mean(x, axis=3, keepdims=True)
+    x = (x - mean) * (uniform((n, 1, 1, 1)) * 2.0) + mean
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * (uniform((n, 1, 1, 1)) + 0.5) + mean
+    if shift:
+        h, w = x.shape[1], x.shape[2]
+        offsets = tf.cast(tf.floor(uniform((n, 2)) * (2 * shift + 1)), tf.int32)
+        padded = tf.pad(x, [[0, 0], [shift, shift], [shift, shift], [0, 0]])
+        x = tf.gather(padded, tf.range(h)[None] + offsets[:, :1], axis=1, batch_dims=1)
+        x = tf.gather(x, tf.range(w)[None] + offsets[:, 1:], axis=2, batch_dims=1)
+    return x
 
 
 @functools.cache
@@ -105,12 +214,14 @@ def _define_face_gan():
     class FaceGAN(keras.Model):
         """Both networks and both optimizers; `fit` calls `train_step` once per real batch."""
 
-        def __init__(self, generator, discriminator, g_optimizer, d_optimizer, cfg: dict):
+        def __init__(self, generator, discriminator, g_optimizer, d_optimizer, cfg: dict, sampler=None):
             super().__init__(name="gan_trainer")
             self.generator, self.discriminator = generator, discriminator
+            self.sampler = sampler or generator  # with `ema`, a copy that gets the averaged weights
             self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
             self.code_size, self.d_steps = cfg["code_size"], cfg["d_steps"]
             self.smooth = cfg["label_smoothing"]
+            self.shift = cfg["image_size"] // 8 if cfg["augment"] else None
             self.noise = keras.random.SeedGenerator(cfg["seed"] or 0)  # reseeded per epoch by training.reseed_model
             self.bce = keras.losses.BinaryCrossentropy(from_logits=True)
             self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", "d_loss", "d_real", "d_fake")}
@@ -130,6 +241,21 @@ def _define_face_gan():
         def _codes(self, n):
             return keras.random.normal((n, self.code_size), seed=self.noise)
 
+        def _seen(self, images):
+            """What the discriminator sees: the images, DiffAugmented when `augment` is on."""
+            return images if self.shift is None else diff_augment(images, self.noise, self.shift)
+
+        def sampling_generator(self):
+            """The generator that draws samples: with `ema`, the copy given the optimizer's
+            averaged weights (and the live BatchNorm statistics) now."""
+            if self.sampler is not self.generator:
+                averages = self.g_optimizer._model_variables_moving_average  # Keras's use_ema store
+                for var, average in zip(self.sampler.trainable_variables, averages):
+                    var.assign(average)
+                for var, live in zip(self.sampler.non_trainable_variables, self.generator.non_trainable_variables):
+                    var.assign(live)
+            return self.sampler
+
         def train_step(self, real):
             n = tf.shape(real)[0]
             # Under a tf.distribute strategy each replica's Keras losses come divided by the number
@@ -139,15 +265,16 @@ def _define_face_gan():
             for _ in range(self.d_steps):  # several discriminator steps, fresh noise each
                 fake = self.generator(self._codes(n), training=True)
                 with tf.GradientTape() as tape:
-                    real_logit = self.discriminator(real, training=True)
-                    fake_logit = self.discriminator(fake, training=True)
+                    real_logit = self.discriminator(self._seen(real), training=True)
+                    fake_logit = self.discriminator(self._seen(fake), training=True)
                     d_loss = (self.bce(tf.fill(tf.shape(real_logit), self.smooth), real_logit)  # smoothed labels
-                              + self.bce(tf.zeros_like(fake_logit), fake_logit)
-                              + tf.add_n(self.discriminator.losses) / replicas)
+                              + self.bce(tf.zeros_like(fake_logit), fake_logit))
+                    if self.discriminator.losses:  # the course's L2 penalty
+                        d_loss += tf.add_n(self.discriminator.losses) / replicas
                 self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
             g_vars = self.generator.trainable_variables
             with tf.GradientTape() as tape:
-                fake_logit = self.discriminator(self.generator(self._codes(n), training=True), training=True)
+                fake_logit = self.discriminator(self._seen(self.generator(self._codes(n), training=True)), training=True)
                 g_loss = self.bce(tf.ones_like(fake_logit), fake_logit)
             self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
             values = {"loss": g_loss * replicas, "d_loss": d_loss * replicas,
@@ -159,57 +286,7 @@ def _define_face_gan():
     return FaceGAN
 
 
-# -- quality: MMD in a fixed feature space ------------------------------------------------
-
-
-def fit_features(x_train: np.ndarray, dims: int = 32, seed: int = 0) -> dict:
-    """A fixed feature map: the top principal components of training faces at half size,
-    and the Gaussian kernel bandwidth (median distance between real faces' features)."""
-    flat = _half(x_train[np.random.default_rng(seed).permutation(len(x_train))[:3000]])
-    mean = flat.mean(0)
-    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    basis = vt[: min(dims, len(vt))].astype(np.float32)
-    feats = (flat - mean) @ basis.T
-    d2 = ((feats[:, None] - feats[None]) ** 2).sum(-1)
-    sigma = float(np.sqrt(np.median(d2[np.triu_indices(len(feats), 1)])))
-    return {"mean": mean.astype(np.float32), "basis": basis, "sigma": np.float32(sigma or 1.0)}
-
-
-def _half(x: np.ndarray) -> np.ndarray:
-    """Images on [0, 1] (N, H, W, 3) -> 2x2-averaged and flattened, so features ignore pixel noise."""
-    x = np.clip(np.asarray(x, np.float32), 0, 1)
-    n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4))
-    return x.reshape(n, -1)
-
-
-def features(x: np.ndarray, fmap: dict) -> np.ndarray:
-    return (_half(x) - fmap["mean"]) @ fmap["basis"].T
-
-
-MMD_BLOCK = 1 << 24  # pairwise feature differences held at once by mmd2 (64 MB of float32)
-
-
-def mmd2(a: np.ndarray, b: np.ndarray, sigma: float) -> float:
-    """Unbiased MMD^2 with a sum of Gaussian kernels at 0.5, 1 and 2 times sigma (0 for equal
-    distributions; it can come out slightly negative).
-
-    The kernel matrices are summed in blocks of rows (about 16M differences at a time), so
-    `eval --dataset OTHER` can compare thousands of faces; up to ~1,000 rows, as in training,
-    it is one block."""
-    def kernel(x, y) -> tuple[float, float]:  # (sum of the kernel matrix, its trace)
-        rows = max(1, MMD_BLOCK // max(1, len(y) * x.shape[1]))
-        total = trace = 0.0
-        for i in range(0, len(x), rows):
-            d2 = ((x[i: i + rows, None] - y[None]) ** 2).sum(-1)
-            k = sum(np.exp(-d2 / (2 * (s * sigma) ** 2)) for s in (0.5, 1.0, 2.0))
-            total += k.sum()
-            trace += np.trace(k, offset=i)
-        return total, trace
-
-    (saa, taa), (sbb, tbb), (sab, _) = kernel(a, a), kernel(b, b), kernel(a, b)
-    m, n = len(a), len(b)
-    return float((saa - taa) / (m * (m - 1)) + (sbb - tbb) / (n * (n - 1)) - 2 * sab / (m * n))
+# -- quality: KID and FID on ImageNet features --------------------------------------------
 
 
 def latent(n: int, seed: int | None, code_size: int) -> np.ndarray:
@@ -221,25 +298,55 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
     return faces.to_uint8(images, 0.0, 1.0)
 
 
-class Quality:
-    """MMD^2 of generated faces against half the held-out faces, with its two references."""
+class Distance:
+    """KID and FID of generated faces against `kid_samples` real faces, beside the floor (those
+    faces against as many other real faces) and noise images.
 
-    def __init__(self, x_val: np.ndarray, fmap: dict, n: int, seed: int | None):
-        half = len(x_val) // 2
+    `x` is split in halves: the reference comes from the first, the floor's other faces from
+    the second. With fewer than 2 x `kid_samples` faces it says so and uses half of them per
+    side. The reference features and the two references' figures are kept in `cache` (the
+    run's kid_features.npz) and reused while the size and count match, so an epoch pays only
+    for its generated faces.
+    """
+
+    def __init__(self, x: np.ndarray, cfg: dict, reporter=None, cache: Path | None = None, what: str = "held-out faces"):
+        want, half = cfg["kid_samples"], len(x) // 2
         if half < 2:
-            raise UsageError(f"{len(x_val)} held-out faces are too few to measure MMD; use more faces or a larger val_fraction")
-        self.n = min(n, half)
-        self.fmap, self.seed = fmap, seed
-        self.ref = features(x_val[: self.n], fmap)
-        self.other = features(x_val[half: half + self.n], fmap)
-        noise = np.random.default_rng(1).uniform(0, 1, (self.n, *x_val.shape[1:])).astype(np.float32)
-        self.noise_mmd = mmd2(self.ref, features(noise, fmap), float(fmap["sigma"]))
-        self.real_mmd = mmd2(self.ref, self.other, float(fmap["sigma"]))
+            raise UsageError(f"KID needs at least 4 {what} (2 a side), got {len(x)}; use more faces or a larger val_fraction")
+        self.n = min(want, half)
+        if self.n < want and reporter is not None:
+            reporter.info(f"KID asked for {want} {what} a side, there are {len(x)}: using {self.n} against {self.n}")
+        self.seed, self.size = cfg["seed"], cfg["kid_image_size"]
+        self.subset = min(image_distance.SUBSET, max(2, self.n // 2))  # at least 2 subsets: an error bar
+        self.net = image_distance.FeatureNet(self.size)
+        stored = self._load(cache)
+        if stored is None:
+            self.ref = self.net(x[: self.n])
+            other = self.net(x[half: half + self.n])
+            noise = self.net(image_distance.uniform_noise(self.n, x.shape[1:]))
+            kid_real, kid_real_err = image_distance.kid(other, self.ref, self.subset)
+            self.refs = {"kid_real": kid_real, "kid_real_err": kid_real_err,
+                         "kid_noise": image_distance.kid(noise, self.ref, self.subset)[0],
+                         "fid_real": image_distance.fid(other, self.ref), "fid_noise": image_distance.fid(noise, self.ref)}
+            if cache is not None:
+                atomic_write_npz(cache, ref=self.ref, n=self.n, size=self.size,
+                               **{k: np.float64(v) for k, v in self.refs.items()})
+
+    def _load(self, cache: Path | None):
+        if cache is None or not cache.exists():
+            return None
+        with np.load(cache) as data:
+            if int(data["n"]) != self.n or int(data["size"]) != self.size:
+                return None
+            self.ref = data["ref"]
+            self.refs = {k: float(data[k]) for k in ("kid_real", "kid_real_err", "kid_noise", "fid_real", "fid_noise")}
+        return True
 
     def __call__(self, generator) -> dict:
         fake = generator.predict(latent(self.n, 7 + (self.seed or 0), generator.input_shape[-1]), batch_size=250, verbose=0)
-        return {"mmd": mmd2(self.ref, features(fake, self.fmap), float(self.fmap["sigma"])),
-                "mmd_real": self.real_mmd, "mmd_noise": self.noise_mmd}
+        feats = self.net(fake)
+        kid, err = image_distance.kid(feats, self.ref, self.subset)
+        return {"kid": kid, "kid_err": err, "fid": image_distance.fid(feats, self.ref), **self.refs}
 
 
 # -- saving and resuming ------------------------------------------------------------------
@@ -267,13 +374,15 @@ def load_optimizers(gan: "FaceGAN", path: Path) -> None:
 
 
 def new_gan(cfg: dict, backup: Path | None = None) -> "FaceGAN":
-    """A fresh FaceGAN, or the one saved in an epoch backup with its optimizers' state."""
+    """A fresh FaceGAN, or the one saved in an epoch backup with its optimizers' state (the
+    weight average included: the sampling copy gets it from there)."""
     if backup is None:
         generator, discriminator = build_generator(cfg), build_discriminator(cfg)
     else:
-        generator = training.load_model(backup / GENERATOR_FILE, "gan")
+        generator = training.load_model(backup / (LIVE_GENERATOR_FILE if cfg["ema"] > 0 else GENERATOR_FILE), "gan")
         discriminator = training.load_model(backup / DISCRIMINATOR_FILE, "gan")
-    gan = face_gan_class()(generator, discriminator, *make_optimizers(cfg), cfg)
+    sampler = keras.models.clone_model(generator) if cfg["ema"] > 0 else None
+    gan = face_gan_class()(generator, discriminator, *make_optimizers(cfg), cfg, sampler=sampler)
     if backup is not None:
         load_optimizers(gan, backup / OPTIMIZERS_FILE)
     else:
@@ -283,8 +392,9 @@ def new_gan(cfg: dict, backup: Path | None = None) -> "FaceGAN":
 
 
 class GanCheckpoint(training.CheckpointState):
-    """A gan checkpoint: generator.keras, discriminator.keras and optimizers.npz; at the end
-    both networks are put in the run."""
+    """A gan checkpoint: generator.keras (the one that draws: with `ema`, the averaged weights),
+    generator_live.keras (with `ema`: the trained weights), discriminator.keras and
+    optimizers.npz; at the end the drawing generator and the discriminator are put in the run."""
 
     def __init__(self, cfg: dict):
         super().__init__(model_file=GENERATOR_FILE)
@@ -297,8 +407,11 @@ class GanCheckpoint(training.CheckpointState):
         return new_gan(self.cfg, backup)
 
     def files(self, gan) -> dict:
-        return {GENERATOR_FILE: gan.generator.save, DISCRIMINATOR_FILE: gan.discriminator.save,
-                OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path)}
+        files = {GENERATOR_FILE: lambda path: gan.sampling_generator().save(path),
+                 DISCRIMINATOR_FILE: gan.discriminator.save, OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path)}
+        if gan.sampler is not gan.generator:
+            files[LIVE_GENERATOR_FILE] = gan.generator.save
+        return files
 
     def outputs(self) -> dict:
         return {GENERATOR_FILE: GENERATOR_FILE, DISCRIMINATOR_FILE: DISCRIMINATOR_FILE}
@@ -319,9 +432,7 @@ def train(ctx: Context) -> dict:
     split = faces.load_split(cfg, run)
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
     reporter.info(f"{len(x_train)} training and {len(x_val)} held-out faces, {cfg['image_size']}x{cfg['image_size']}")
-    fmap = fit_features(x_train)
-    atomic_write_npz(run.path(FEATURES_FILE), **fmap)
-    quality = Quality(x_val, fmap, cfg["mmd_samples"], cfg["seed"])
+    distance = Distance(x_val, cfg, reporter, cache=run.path(KID_FILE))
     batch = min(cfg["batch_size"], len(x_train))
     steps = len(x_train) // batch  # whole batches only: every step sees `batch` real faces
     train_ds = tf.data.Dataset.from_tensor_slices(x_train).cache()
@@ -337,39 +448,36 @@ def train(ctx: Context) -> dict:
         """progress.npy gets the fixed batch's faces after each epoch; rows beyond the epochs
         before this one (left by a run killed before its checkpoint) are cut."""
         rows = list(np.load(progress_path)[:epoch]) if epoch and progress_path.exists() else []
-        rows.append(to_pixels(gan.generator.predict(fixed, verbose=0)))
+        rows.append(to_pixels(gan.sampling_generator().predict(fixed, verbose=0)))
         atomic_write_npy(progress_path, np.stack(rows))
 
-    extras = [training.after_each_epoch(lambda gan, epoch, logs: logs.update(quality(gan.generator))),
+    extras = [training.after_each_epoch(lambda gan, epoch, logs: logs.update(distance(gan.sampling_generator()))),
               training.after_each_epoch(add_progress_row)]
     gan, history = training.fit(ctx, GanCheckpoint(cfg), train_data, steps_per_epoch=steps, callbacks=extras,
                                 tensorboard=False)
     first, final = history[0], history[-1]
-    return {"mmd": final["mmd"], "mmd_first_epoch": first["mmd"], "mmd_real": final["mmd_real"],
-            "mmd_noise": final["mmd_noise"], "d_real": final["d_real"], "d_fake": final["d_fake"],
+    return {"kid": final["kid"], "kid_err": final["kid_err"], "kid_first_epoch": first["kid"],
+            "kid_real": final["kid_real"], "kid_noise": final["kid_noise"], "fid": final["fid"],
+            "fid_real": final["fid_real"], "fid_noise": final["fid_noise"], "d_real": final["d_real"], "d_fake": final["d_fake"],
             "iterations": int(gan.g_optimizer.iterations.numpy())}
 
 
 def evaluate(ctx: Context) -> dict:
-    """MMD^2 of fresh samples against the run's held-out faces, beside the two references.
+    """KID and FID of fresh samples against the run's held-out faces, beside the two references.
 
     On other data (`--dataset OTHER`) every face of it takes part, in a seeded random order:
-    one half is the reference the samples are compared with, the other half gives `mmd_real`
-    (no `mmd_samples` cap); the count is `faces` instead of `held_out_faces`.
+    one half is the reference the samples are compared with, the other half gives the floor
+    (no `kid_samples` cap); the count is `faces` instead of `held_out_faces`.
     """
     generator = training.load_model(ctx.model_path, "gan")
-    path = ctx.run.path(FEATURES_FILE)
-    if not path.exists():
-        raise UsageError(f"run {ctx.run.dir} has no {FEATURES_FILE}; it was not trained by this version")
-    with np.load(path) as data:
-        fmap = {k: data[k] for k in data.files}
     other = ctx.on_other_data
     x, _ = faces.eval_faces(ctx.cfg, ctx.run, other, ctx.reporter)
     if other:
         x = x[np.random.default_rng(ctx.cfg["seed"]).permutation(len(x))]
-    samples = len(x) if other else ctx.cfg["mmd_samples"]
-    result = Quality(scale(x), fmap, samples, ctx.cfg["seed"])(generator)
-    return {**result, ("faces" if other else "held_out_faces"): int(len(x))}
+        distance = Distance(scale(x), {**ctx.cfg, "kid_samples": len(x) // 2}, what="faces")
+    else:
+        distance = Distance(scale(x), ctx.cfg, ctx.reporter, cache=ctx.run.path(KID_FILE))
+    return {**distance(generator), ("faces" if other else "held_out_faces"): int(len(x))}
 
 
 # -- predict ------------------------------------------------------------------------------
@@ -420,11 +528,19 @@ def view_progress(ctx: Context) -> Path:
     history = ctx.run.read_history()
     titles = []
     for epoch in range(len(rows)):
-        mmd = history[epoch]["mmd"] if epoch < len(history) else float("nan")
-        titles += [f"epoch {epoch + 1} mmd {mmd:.3f}"] + [""] * (rows.shape[1] - 1)
+        kid = history[epoch].get("kid", float("nan")) if epoch < len(history) else float("nan")
+        titles += [f"epoch {epoch + 1} KID {kid:.3f}"] + [""] * (rows.shape[1] - 1)
     return image_grid(list(rows.reshape(-1, *rows.shape[2:])), ctx.view_path("gan-progress"),
                       titles=titles, cols=rows.shape[1], tile_inches=0.9,
-                      suptitle=f"gan / {ctx.run.name}: the fixed latent batch after each epoch")
+                      suptitle=f"gan / {ctx.run.name}: the fixed latent batch after each epoch" + _floor_note(history))
+
+
+def _floor_note(history: list) -> str:
+    """The KID references of the last epoch, for a picture's title."""
+    last = history[-1] if history else {}
+    if "kid_real" not in last:
+        return ""
+    return f"\nKID of real faces (floor) {last['kid_real']:.4f}, of noise {last['kid_noise']:.2f}"
 
 
 def view_discriminator(ctx: Context) -> Path:
@@ -451,8 +567,9 @@ def view_discriminator(ctx: Context) -> Path:
 
 TASK = TaskSpec(
     name="gan",
-    summary="a DCGAN drawing 36x36 faces, scored by MMD against held-out faces",
+    summary="a DCGAN drawing 36x36 faces, scored by KID and FID against held-out faces",
     defaults=DEFAULTS,
+    choices=CHOICES,
     train=train,
     evaluate=evaluate,
     predict=predict,
