@@ -86,18 +86,27 @@ class ResumePoint:
     history: list = dataclasses.field(default_factory=list)
     seed_states: list | None = None
     metric_states: list | None = None  # the running sums of the interrupted epoch's metrics
+    extra: dict = dataclasses.field(default_factory=dict)  # what a task saved beside (finetune's phase)
+
+
+def saved_point(run) -> ResumePoint:
+    """The run's newest checkpoint, read without a word (the beginning where there is none)."""
+    backup = run.latest_backup()
+    if backup is None:
+        return ResumePoint()
+    state = dict(run.read_backup_state(backup))
+    known = [state.pop(key, default) for key, default in (("epochs_done", 0), ("steps_done", 0), ("history", []),
+                                                          ("seed_states", None), ("metric_states", None))]
+    return ResumePoint(backup, *known, extra=state)
 
 
 def resume_point(ctx) -> ResumePoint:
     """With --resume, the newest checkpoint (on a worker other than the chief, the chief's);
     refuses a run that has already done `epochs` epochs."""
     source = ctx.resume_from or ctx.run
-    backup = source.latest_backup() if ctx.resume else None
-    if backup is None:
-        return ResumePoint()
-    state = source.read_backup_state(backup)
-    point = ResumePoint(backup, state["epochs_done"], state.get("steps_done", 0), state["history"],
-                        state.get("seed_states"), state.get("metric_states"))
+    point = saved_point(source) if ctx.resume else ResumePoint()
+    if point.backup is None:
+        return point
     start, skip = point.epochs_done, point.steps_done
     source.refuse_if_done(start, ctx.cfg["epochs"])
     if start >= ctx.cfg["epochs"]:
