@@ -16,6 +16,7 @@ from them are imported here too, so a task imports this one module.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Callable, Iterable
@@ -101,88 +102,93 @@ def all_finite(model) -> bool:
 NAN_CHECK_EVERY = 20
 
 
-class StepWatcher:
-    """Builds the Keras callback that feeds the reporter, checks the loss every few steps,
-    honours SIGINT/SIGTERM and saves a mid-epoch checkpoint every `save_every` steps.
+@functools.cache
+def step_watcher_class():
+    """The StepWatcher callback class, defined on first use (importing this module loads no Keras)."""
 
-    It must come first in `model.fit`'s callbacks: at an epoch's end it checks the epoch
-    (finite training logs and weights) before the per-epoch extras (`after_each_epoch`) run,
-    and a failed check stops training, which tells the extras to skip the epoch."""
+    class StepWatcher(keras.callbacks.Callback):
+        """Feeds the reporter, checks the loss every few steps, honours SIGINT/SIGTERM and
+        saves a mid-epoch checkpoint every `save_every` steps; `fit` reads what it saw.
 
-    def __init__(self, reporter, steps: int | None, stop, save_mid_epoch: Callable[[int, int], None], save_every: int = 0):
-        watcher = self
-        self.bad_loss_at: tuple[int, int] | None = None
-        self.bad_weights_at: int | None = None
-        self.stopped_at: tuple[int, int] | None = None
+        It must come first in `model.fit`'s callbacks: at an epoch's end it checks the epoch
+        (finite training logs and weights) before the per-epoch extras (`after_each_epoch`)
+        run, and a failed check stops training, which tells the extras to skip the epoch."""
 
-        class _Callback(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                watcher.epoch = epoch
-                watcher.done = watcher.skipped
-                reporter.start_epoch(epoch, steps)
+        def __init__(self, reporter, steps: int | None, stop, save_mid_epoch: Callable[[int, int], None],
+                     save_every: int = 0):
+            super().__init__()
+            self.reporter, self.steps, self.stop = reporter, steps, stop
+            self.save_mid_epoch, self.save_every = save_mid_epoch, save_every
+            self.bad_loss_at: tuple[int, int] | None = None
+            self.bad_weights_at: int | None = None
+            self.stopped_at: tuple[int, int] | None = None
+            self.skipped = 0  # batches of this epoch a mid-epoch checkpoint had trained
+            self.metric_states = None  # that checkpoint's running metric sums, added after the first step
+            self.epoch = self.done = 0
 
-            def on_epoch_end(self, epoch, logs=None):
-                if self.model.stop_training:  # cut short: raise_if_stopped says why
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.done = epoch, self.skipped
+            self.reporter.start_epoch(epoch, self.steps)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.model.stop_training:  # cut short: raise_if_stopped says why
+                return
+            train_logs = [v for k, v in (logs or {}).items() if not k.startswith("val_")]
+            if not all(math.isfinite(float(v)) for v in train_logs):
+                self.bad_loss_at = (epoch, self.done)
+                self.model.stop_training = True
+            elif not all_finite(self.model):  # no checkpoint of non-finite weights
+                self.bad_weights_at = epoch
+                self.model.stop_training = True
+
+        def on_train_batch_end(self, batch, logs=None):
+            ClusterWait.joined()  # the workers took their first step together
+            if self.metric_states is not None:  # the running sums of a mid-epoch checkpoint
+                add_metric_states(self.model, self.metric_states)
+                self.metric_states = None
+            done = self.done = self.skipped + batch + 1
+            last_step = self.steps is not None and done >= self.steps
+            saving = not last_step and (self.stop.requested or bool(self.save_every and done % self.save_every == 0))
+            # Reading a metric waits for the step to finish: do it only where it is needed.
+            if self.reporter.live or last_step or saving or done % NAN_CHECK_EVERY == 0:
+                values = {k: float(v) for k, v in (logs or {}).items()}
+                if not math.isfinite(values.get("loss", 0.0)) or (saving and not all_finite(self.model)):
+                    self.bad_loss_at = (self.epoch, done)
+                    self.model.stop_training = True
                     return
-                train_logs = [v for k, v in (logs or {}).items() if not k.startswith("val_")]
-                if not all(math.isfinite(float(v)) for v in train_logs):
-                    watcher.bad_loss_at = (epoch, watcher.done)
+                self.reporter.batch(done - 1, values)
+            if saving:
+                if self.stop.requested:
+                    self.stopped_at = (self.epoch, done)
                     self.model.stop_training = True
-                elif not all_finite(self.model):  # no checkpoint of non-finite weights
-                    watcher.bad_weights_at = epoch
-                    self.model.stop_training = True
+                self.save_mid_epoch(self.epoch, done)
 
-            def on_train_batch_end(self, batch, logs=None):
-                ClusterWait.joined()  # the workers took their first step together
-                if watcher.metric_states is not None:  # the running sums of a mid-epoch checkpoint
-                    add_metric_states(self.model, watcher.metric_states)
-                    watcher.metric_states = None
-                done = watcher.done = watcher.skipped + batch + 1
-                last_step = steps is not None and done >= steps
-                saving = not last_step and (stop.requested or bool(save_every and done % save_every == 0))
-                # Reading a metric waits for the step to finish: do it only where it is needed.
-                if reporter.live or last_step or saving or done % NAN_CHECK_EVERY == 0:
-                    values = {k: float(v) for k, v in (logs or {}).items()}
-                    if not math.isfinite(values.get("loss", 0.0)) or (saving and not all_finite(self.model)):
-                        watcher.bad_loss_at = (watcher.epoch, done)
-                        self.model.stop_training = True
-                        return
-                    reporter.batch(done - 1, values)
-                if saving:
-                    if stop.requested:
-                        watcher.stopped_at = (watcher.epoch, done)
-                        self.model.stop_training = True
-                    save_mid_epoch(watcher.epoch, done)
+        def raise_if_stopped(self, run, epoch_done: int | None = None) -> None:
+            """After an epoch's `fit`: raise for a non-finite loss or weights or a mid-epoch stop;
+            after the epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
+            if self.bad_loss_at is not None:
+                bad_epoch, step = self.bad_loss_at
+                raise non_finite_error(run, f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}")
+            if self.bad_weights_at is not None:
+                raise non_finite_error(run, f"the weights became NaN or infinite in epoch {self.bad_weights_at + 1}")
+            if self.stopped_at is not None:
+                stop_epoch, step = self.stopped_at
+                raise stopped(self.stop, run, f"at epoch {stop_epoch + 1}, step {step}",
+                              f"progress saved in {run.latest_backup()}")
+            if epoch_done is not None and self.stop.requested:
+                raise stopped(self.stop, run, f"after epoch {epoch_done}")
 
-        self.skipped = 0
-        self.metric_states = None
-        self.stop = stop
-        self.callback = _Callback()
+        def data_for(self, epoch: int, start: int, skip: int, data, model, states, metrics=None):
+            """The epoch's data, less the batches a mid-epoch checkpoint had already trained on
+            (whose random layers' states and metric sums it restores); sets `skipped`."""
+            self.skipped = skip if epoch == start else 0
+            if not self.skipped:
+                return data
+            restore_seed_states(model, states or [])
+            self.metric_states = metrics
+            return data.skip(self.skipped)
 
-    def raise_if_stopped(self, run, epoch_done: int | None = None) -> None:
-        """After an epoch's `fit`: raise for a non-finite loss or weights or a mid-epoch stop;
-        after the epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
-        if self.bad_loss_at is not None:
-            bad_epoch, step = self.bad_loss_at
-            raise non_finite_error(run, f"the loss became NaN or infinite in epoch {bad_epoch + 1}, by step {step}")
-        if self.bad_weights_at is not None:
-            raise non_finite_error(run, f"the weights became NaN or infinite in epoch {self.bad_weights_at + 1}")
-        if self.stopped_at is not None:
-            stop_epoch, step = self.stopped_at
-            raise stopped(self.stop, run, f"at epoch {stop_epoch + 1}, step {step}",
-                          f"progress saved in {run.latest_backup()}")
-        if epoch_done is not None and self.stop.requested:
-            raise stopped(self.stop, run, f"after epoch {epoch_done}")
-
-    def data_for(self, epoch: int, start: int, skip: int, data, model, states, metrics=None):
-        """The epoch's data, less the batches a mid-epoch checkpoint had already trained on
-        (whose random layers' states and metric sums it restores); sets `skipped`."""
-        self.skipped = skip if epoch == start else 0
-        if not self.skipped:
-            return data
-        restore_seed_states(model, states or [])
-        self.metric_states = metrics
-        return data.skip(self.skipped)
+    return StepWatcher
 
 
 def tf_error_line(exc) -> str:
@@ -264,7 +270,7 @@ def fit(
     engine = [keras.callbacks.TensorBoard(log_dir=str(run.logs_dir), profile_batch=0)] if tensorboard else []
     reporter.start(epochs, initial_epoch=start)
     with StopOnSignal() as stop:
-        watcher = StepWatcher(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0))
+        watcher = step_watcher_class()(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0))
         try:
             for epoch in range(start, epochs):
                 reseed_model(model, seed, epoch)
@@ -277,7 +283,7 @@ def fit(
                         initial_epoch=epoch,
                         epochs=epoch + 1,
                         steps_per_epoch=steps,
-                        callbacks=[watcher.callback, *engine, *callbacks],
+                        callbacks=[watcher, *engine, *callbacks],
                         shuffle=False,  # train_data(epoch) is already shuffled, by (seed, epoch)
                         verbose=0,
                     )
