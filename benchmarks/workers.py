@@ -8,6 +8,8 @@
         The task's own input pipeline alone (read files, decode, preprocess, batch), no model.
     python benchmarks/workers.py predict-ref TASK --model FILE --images LIST --repeats R
         `model.predict` on the images already decoded and preprocessed in memory.
+    python benchmarks/workers.py predict-cli TASK --model FILE --images LIST [--engine lite]
+        `dlcli predict` in this process on the same files: Keras, or the run's export (LiteRT).
 """
 
 from __future__ import annotations
@@ -129,18 +131,29 @@ def predict_ref(args, spec):
     from dlcli.images import read_image
 
     mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
-    paths = Path(args.images).read_text().split()
+    paths = Path(args.images).read_text().splitlines()
     if args.task == "mnist":
         images = np.stack([mod.to_mnist(read_image(p, mode="L")) for p in paths])
+    elif args.task == "finetune":
+        from dlcli import backbones
+
+        cfg = task_cfg("finetune", spec)
+        crops = np.stack([backbones.centre_crop_numpy(read_image(p, mode="RGB"), cfg["image_size"]) for p in paths])
+        images = backbones.preprocess_numpy(backbones.NUMPY_MODES[cfg["backbone"]], crops)
+        del crops
     else:
         images = np.stack([mod.to_input(read_image(p, mode="RGB")) for p in paths])
     model = training.load_model(Path(args.model), args.task)
-    # cnn predicts with test-time augmentation by default (`tta`): the reference does the same
-    # work, a second pass over the mirror images.
-    passes = [images, images[:, :, ::-1].copy()] if args.task == "cnn" else [images]
+    # cnn and finetune predict with test-time augmentation by default (`tta`): the reference
+    # does the same work, a second pass over the mirror images.
+    tta = args.task in ("cnn", "finetune")
+    batch = 64 if args.task == "finetune" else 256
 
     def predict_all():
-        return sum(model.predict(x, batch_size=256, verbose=0) for x in passes) / len(passes)
+        probs = model.predict(images, batch_size=batch, verbose=0)
+        if tta:
+            probs = (probs + model.predict(images[:, :, ::-1], batch_size=batch, verbose=0)) / 2
+        return probs
 
     predict_all()  # warm-up (tracing)
     times = []
@@ -159,10 +172,12 @@ def predict_cli(args, spec):
 
     from dlcli.cli import app
 
-    paths = Path(args.images).read_text().split()
+    paths = Path(args.images).read_text().splitlines()
+    # --engine auto with --checkpoint model.keras is Keras; the export is named as the checkpoint
+    model = args.model if args.engine != "lite" else str(Path(args.model).parent / "export" / "model.tflite")
 
     def call(files):
-        argv = ["predict", args.task, "--checkpoint", args.model, "--json", *files]
+        argv = ["predict", args.task, "--checkpoint", model, "--json", *files]
         t = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             try:
@@ -188,6 +203,7 @@ def main():
     p.add_argument("--model")
     p.add_argument("--images")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--engine", default="keras", choices=["keras", "lite"])
     args = p.parse_args()
     spec = json.loads(args.spec)
     out = {"reference": reference, "pipeline": pipeline, "predict-ref": predict_ref, "predict-cli": predict_cli}[args.what](args, spec)

@@ -17,21 +17,25 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path}: no such file")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory, not an image")
-    if path.stat().st_size == 0:
-        raise UsageError(f"{path}: empty file")
+    try:  # open first and ask why only when it fails: one system call per good file, not four
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not an image") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read image ({exc.strerror or exc})") from None
     try:
-        with Image.open(path) as img:
+        with fh, Image.open(fh) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "P") and mode == "RGB":
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
-            return np.asarray(img.convert(mode))
+            return np.asarray(img if img.mode == mode else img.convert(mode))
     except UnidentifiedImageError:
+        if path.stat().st_size == 0:
+            raise UsageError(f"{path}: empty file") from None
         raise UsageError(f"{path}: not an image (or an unsupported format)") from None
     except Image.DecompressionBombError:
         raise UsageError(f"{path}: the image is too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels)") from None
