@@ -346,7 +346,7 @@ def main():
                         imgs = datasets.mnist_images(tmp, Path(specs["mnist"]["flags"]["dataset"][4:]))
                         bench_predict(task, model, imgs, tmp, rounds)
                         if "memory" not in skip:
-                            bench_stream_memory(task, model, imgs, tmp, (1000, 10_000 if args.quick else 100_000))
+                            bench_stream_memory(task, model, imgs, tmp, (1000, 100_000))
                     elif task == "cnn":
                         imgs = datasets.flat_images(Path(specs["cnn"]["flags"]["dataset"][7:]) / "train", 1000)
                         bench_predict(task, model, imgs, tmp, rounds)
