@@ -90,6 +90,7 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_word_count": _range(1, 10**6),
     "max_caption_tokens": _range(1, 1000),
     "eval_beam": _range(1, 100),
+    "train_views": _range(1, 64),
     "head_epochs": _range(0, 100_000),
     "fine_tune_layers": _range(0, 10_000),
     "fine_tune_lr": _range(0, lo_open=True),

@@ -102,6 +102,8 @@ TASKS: dict[str, dict[str, str]] = {
         "logit_bottleneck": "units of the dense layer between the LSTM and the word logits",
         "eval_beam": "beam width of eval's second BLEU (1: greedy only)",
         "dropout": "dropout on the image embedding, the word embeddings and the LSTM's outputs (0: none)",
+        "lr": "the learning rate of the first epoch; it falls along a half cosine to 0 at the last",
+        "train_views": "cached crops of each training image (centre, mirror, random crops); each caption sees one an epoch",
     },
 }
 

@@ -14,7 +14,7 @@ from tests.conftest import Cli, assert_drawn, shared_data
 
 COLOURS = {"blue": (30, 40, 210), "green": (30, 190, 40), "red": (220, 30, 30)}
 SMALL = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32", "--weights", "none",
-         "--batch-size", "16", "--lr", "0.01", "--quiet"]
+         "--batch-size", "16", "--lr", "0.02", "--quiet"]
 
 
 def photo(colour, rng) -> np.ndarray:
@@ -73,6 +73,21 @@ def test_baselines():
     assert caption.bigram_accuracy(train, held) == pytest.approx(2 / 4)
 
 
+def test_views_are_the_centre_its_mirror_and_random_crops_fixed_by_the_image_id():
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    views = caption.views_of(image, "a.jpg", 24, 6)
+    assert len(views) == 6 and all(v.shape == (24, 24, 3) and v.dtype == np.uint8 for v in views)
+    centre = caption.backbones.crop_resize(image, 24).numpy()
+    np.testing.assert_array_equal(views[0], centre)
+    np.testing.assert_array_equal(views[1], centre[:, ::-1])
+    np.testing.assert_array_equal(views[3], views[2][:, ::-1])
+    assert not np.array_equal(views[2], centre) and not np.array_equal(views[4], views[2])
+    again, other = caption.views_of(image, "a.jpg", 24, 6), caption.views_of(image, "b.jpg", 24, 6)
+    assert all(np.array_equal(a, b) for a, b in zip(views, again))  # the cache stays valid
+    assert not np.array_equal(other[2], views[2])
+    assert len(caption.views_of(image, "a.jpg", 24, 1)) == 1
+
+
 # -- end to end ----------------------------------------------------------------------------
 
 
@@ -94,13 +109,15 @@ def test_train_saves_vocabulary_and_caches_embeddings(trained, monkeypatch):
     assert "quite" in vocab  # 10 uses >= 5
     metrics = trained["out"]["metrics"]
     assert metrics["train_images"] + metrics["heldout_images"] == 30 and metrics["heldout_images"] == 6
-    cached = list((run.parent / ".embeddings").glob("*.npz"))
-    assert len(cached) == 1
+    cached = sorted((run.parent / ".embeddings").glob("*.npz"))
+    assert len(cached) == 2  # the training images' views, the held-out images' centres
+    shapes = sorted(np.load(path)["embeddings"].shape for path in cached)
+    assert shapes == [(1, 6, 1280), (6, 24, 1280)]
     # a second run reads the cache: building the encoder again would fail here
     monkeypatch.setattr(caption, "build_encoder", lambda spec: pytest.fail("the encoder was rebuilt"))
     trained["cli"]("train", "caption", "--dataset", f"captions:{trained['folder']}", "--run", "again", *SMALL,
                    "--epochs", "1")
-    assert list((run.parent / ".embeddings").glob("*.npz")) == cached
+    assert sorted((run.parent / ".embeddings").glob("*.npz")) == cached
 
 
 def test_eval_beats_the_trivial_baseline(trained):

@@ -51,6 +51,7 @@ import numpy as np
 
 from dlcli import backbones
 from dlcli import data as data_lib
+from dlcli import schedules
 from dlcli import training
 from dlcli.errors import UsageError
 from dlcli.images import in_input_order, read_image, read_many
@@ -63,7 +64,7 @@ tf = lazy_import("tensorflow")
 tfds = lazy_import("tensorflow_datasets")
 
 DEFAULTS = {
-    **common_defaults(dataset="coco_captions", epochs=16, batch_size=64, lr=1e-3),
+    **common_defaults(dataset="coco_captions", epochs=24, batch_size=64, lr=2e-3),
     **training.keras_defaults(),
     **backbones.backbone_defaults(image_size=224),
     "holdout": 0.2,
@@ -77,6 +78,7 @@ DEFAULTS = {
     "logit_bottleneck": 120,
     "dropout": 0.5,  # on the image embedding, the word embeddings and the LSTM's outputs (training only)
     "eval_beam": 3,
+    "train_views": 6,  # crops of each training image whose embeddings are cached; one drawn per caption an epoch
 }
 CHOICES = {"backbone": backbones.NAMES}
 PAD, UNK, START, END = "#PAD#", "#UNK#", "#START#", "#END#"
@@ -233,22 +235,32 @@ def load_data(cfg: dict, hold_out_all: bool = False) -> CaptionData:
                        train_split, held_split)
 
 
-def _crops(cfg: dict, data: CaptionData, items: list[tuple[str, list[str]]], split: str):
-    """Yield (ids, uint8 crops) batches of the given images, in order."""
-    size, batch = cfg["image_size"], 32
+def _images(cfg: dict, data: CaptionData, items: list[tuple[str, list[str]]], split: str):
+    """Yield (id, uint8 RGB image) for the given images, in order, at their own size."""
     if data.kind == "captions":
         folder = Path(data.source) / "images"
-        for start in range(0, len(items), batch):
-            ids = [i for i, _ in items[start: start + batch]]
-            crops = [backbones.crop_resize(read_image(folder / i), size).numpy() for i in ids]
-            yield ids, np.stack(crops)
+        for name, _ in items:
+            yield name, read_image(folder / name, mode="RGB")
         return
     builder = data_lib.tfds_builder(data.source, cfg["data_dir"])
-    ds = builder.as_dataset(split=split, shuffle_files=False).take(len(items))
-    ds = ds.map(lambda ex: (ex["image/id"], backbones.crop_resize(ex["image"], size)),
-                num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
-    for ids, crops in ds.as_numpy_iterator():
-        yield [str(int(i)) for i in ids], crops
+    for ex in builder.as_dataset(split=split, shuffle_files=False).take(len(items)).as_numpy_iterator():
+        yield str(int(ex["image/id"])), ex["image"][..., :3]
+
+
+def views_of(image: np.ndarray, image_id: str, size: int, count: int) -> list[np.ndarray]:
+    """`count` square uint8 crops of one image: its centre, the centre's mirror image, then
+    random crops (40-100 % of the largest square's area, anywhere in the image) each followed
+    by its mirror image. The crops depend on the image's id alone, so a cache stays valid."""
+    centre = backbones.crop_resize(image, size).numpy()
+    views = [centre, centre[:, ::-1]]
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16))
+    while len(views) < count:
+        side = max(1, round(min(h, w) * math.sqrt(rng.uniform(0.4, 1.0))))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = backbones.crop_resize(image[top: top + side, left: left + side], size).numpy()
+        views += [crop, crop[:, ::-1]]
+    return views[:count]
 
 
 def encoder_spec(cfg: dict) -> dict:
@@ -270,38 +282,47 @@ def _cache_dir(ctx: Context) -> Path:
     return ctx.run.dir.parent / ".embeddings"
 
 
-def embeddings(ctx: Context, data: CaptionData, items: list[tuple[str, list[str]]], split: str = "") -> np.ndarray:
-    """Pooled encoder features of `items`' images, from the cache or computed once and cached."""
+def embeddings(ctx: Context, data: CaptionData, items: list[tuple[str, list[str]]], split: str = "",
+               views: int = 1) -> np.ndarray:
+    """Pooled encoder features of `views` crops of each of `items`' images (see `views_of`),
+    shape (views, images, features): from the cache, or computed once and cached."""
     cfg = ctx.cfg
     spec = encoder_spec(cfg)
     ids = [i for i, _ in items]
     key_source = {"encoder": {**spec, "weights": backbones.weights_identity({**cfg, "seed": spec["init_seed"]})},
-                  "dataset": f"{data.kind}:{data.source}:{split}", "images": ids}
+                  "dataset": f"{data.kind}:{data.source}:{split}", "images": ids, "views": views}
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:20]
     path = _cache_dir(ctx) / f"{cfg['backbone']}-{cfg['image_size']}-{key}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as cached:
-            if cached["ids"].tolist() == ids:
+            if cached["ids"].tolist() == ids and cached["embeddings"].shape[:2] == (views, len(ids)):
                 ctx.reporter.info(f"image embeddings from the cache {path}")
                 return cached["embeddings"]
     encoder = build_encoder(spec)
-    ctx.reporter.info(f"computing {cfg['backbone']} embeddings of {len(ids)} images (once; cached in {path.parent})")
-    out = []
-    for _, crops in _crops(cfg, data, items, split):
-        out.append(encoder.predict(np.asarray(backbones.preprocess(cfg["backbone"], crops)), verbose=0))
-    vectors = np.concatenate(out).astype(np.float32)
+    what = f"{views} views of each of {len(ids)} images" if views > 1 else f"{len(ids)} images"
+    ctx.reporter.info(f"computing {cfg['backbone']} embeddings of {what} (once; cached in {path.parent})")
+    out, batch = [], []
+
+    def encode_batch():
+        crops = np.stack([view for image_views in batch for view in image_views])  # image-major
+        features = encoder.predict(np.asarray(backbones.preprocess(cfg["backbone"], crops)), verbose=0)
+        out.append(features.reshape(len(batch), views, -1).transpose(1, 0, 2))
+        batch.clear()
+
+    for image_id, image in _images(cfg, data, items, split):
+        batch.append(views_of(image, image_id, cfg["image_size"], views))
+        if len(batch) * views >= 32:
+            encode_batch()
+    if batch:
+        encode_batch()
+    vectors = np.concatenate(out, axis=1).astype(np.float32)
     atomic_write_npz(path, ids=np.array(ids), embeddings=vectors)
     return vectors
 
 
-def all_embeddings(ctx: Context, data: CaptionData) -> tuple[np.ndarray, np.ndarray]:
-    """(training embeddings, held-out embeddings): one cache file for a folder's images."""
-    if data.kind == "captions":
-        both = embeddings(ctx, data, sorted(data.train + data.heldout))
-        index = {name: i for i, (name, _) in enumerate(sorted(data.train + data.heldout))}
-        return (both[[index[n] for n, _ in data.train]], both[[index[n] for n, _ in data.heldout]])
-    return (embeddings(ctx, data, data.train, data.train_split),
-            embeddings(ctx, data, data.heldout, data.heldout_split))
+def heldout_embeddings(ctx: Context, data: CaptionData) -> np.ndarray:
+    """The held-out images' embeddings (centre crops), shape (images, features)."""
+    return embeddings(ctx, data, data.heldout, data.heldout_split)[0]
 
 
 def caption_arrays(items, vocab: list[str], max_tokens: int):
@@ -312,7 +333,7 @@ def caption_arrays(items, vocab: list[str], max_tokens: int):
 
 def pipeline(vectors: np.ndarray, image_index: np.ndarray, tokens: np.ndarray):
     """(image embedding, words in) -> next words, weighted 0 on padding."""
-    vectors = tf.constant(vectors)
+    vectors = tf.convert_to_tensor(vectors)
     ds = tf.data.Dataset.from_tensor_slices((image_index, tokens))
 
     def shape(i, t):
@@ -435,23 +456,29 @@ def train(ctx: Context) -> dict:
     vocab = build_vocab([c for _, caps in data.train for c in caps], cfg["min_word_count"])
     atomic_write_json(ctx.run.path("vocab.json"), vocab)
     atomic_write_json(ctx.run.path("encoder.json"), encoder_spec(cfg))
-    train_vectors, held_vectors = all_embeddings(ctx, data)
+    train_views = embeddings(ctx, data, data.train, data.train_split, views=cfg["train_views"])
+    held_vectors = heldout_embeddings(ctx, data)
     index, tokens = caption_arrays(data.train, vocab, cfg["max_caption_tokens"])
     held_index, held_tokens = caption_arrays(data.heldout, vocab, cfg["max_caption_tokens"])
     ctx.reporter.info(f"{len(data.train)} training images ({len(tokens)} captions), {len(data.heldout)} held out; "
                       f"vocabulary {len(vocab)} words")
-    train_ds, shape = pipeline(train_vectors, index, tokens)
     held_ds, held_shape = pipeline(held_vectors, held_index, held_tokens)
     val = held_ds.map(held_shape).batch(256).cache()
+    n_views, n_images, width = train_views.shape
+    all_views = tf.constant(train_views.reshape(n_views * n_images, width))
 
     def train_data(epoch):
-        shuffled = train_ds.shuffle(len(tokens), seed=training.epoch_seed(cfg["seed"], epoch))
-        return shuffled.map(shape).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
+        """Each caption with one view of its image, drawn from (seed, epoch)."""
+        seed = training.epoch_seed(cfg["seed"], epoch)
+        view = np.random.default_rng(seed).integers(0, n_views, len(index))
+        ds, shape = pipeline(all_views, view * n_images + index, tokens)
+        return ds.shuffle(len(tokens), seed=seed).map(shape).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
 
-    mean, var = train_vectors.mean(0), train_vectors.var(0) + 1e-6
+    mean, var = train_views[0].mean(0), train_views[0].var(0) + 1e-6
     model, history = training.fit(
-        ctx, lambda: build_model(cfg, train_vectors.shape[1], len(vocab), mean, var), train_data, val,
-        steps_per_epoch=-(-len(tokens) // cfg["batch_size"]))
+        ctx, lambda: build_model(cfg, width, len(vocab), mean, var), train_data, val,
+        steps_per_epoch=-(-len(tokens) // cfg["batch_size"]),
+        callbacks=[schedules.cosine_per_epoch(cfg["lr"], first=0, length=cfg["epochs"])])
     final = history[-1]
     return {"val_loss": final["val_loss"], "val_next_word_accuracy": final["val_accuracy"],
             "train_images": len(data.train), "heldout_images": len(data.heldout), "vocabulary": len(vocab)}
@@ -485,7 +512,7 @@ def evaluate(ctx: Context) -> dict:
     data = load_data(cfg, hold_out_all=other)
     if other:
         ctx.reporter.info(f"evaluating all {len(data.heldout)} images of {cfg['dataset']} (not the run's training data)")
-    _, held_vectors = all_embeddings(ctx, data)
+    held_vectors = heldout_embeddings(ctx, data)
     held_index, held_tokens = caption_arrays(data.heldout, vocab, cfg["max_caption_tokens"])
     held_ds, shape = pipeline(held_vectors, held_index, held_tokens)
     loss, accuracy = model.evaluate(held_ds.map(shape).batch(256), verbose=0)
@@ -564,11 +591,11 @@ def view_samples(ctx: Context) -> Path:
     model = training.load_model(ctx.model_path, "caption")
     vocab = _vocab(ctx)
     data = load_data(cfg)
-    _, held_vectors = all_embeddings(ctx, data)
+    held_vectors = heldout_embeddings(ctx, data)
     n = min(ctx.options["n"], len(data.heldout))
     captions = _decode(ctx, Decoder(model, vocab, cfg["max_caption_tokens"]), held_vectors[:n])
-    crops = [c for _, batch in _crops({**cfg, "image_size": 224}, data, data.heldout[:n], data.heldout_split)
-             for c in batch][:n]
+    crops = [backbones.crop_resize(image, 224).numpy()
+             for _, image in _images(cfg, data, data.heldout[:n], data.heldout_split)]
     plt = pyplot()
     cols = min(4, n)
     rows = -(-n // cols)
