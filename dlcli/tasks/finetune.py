@@ -38,7 +38,6 @@ resumed run sees the same images as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -46,7 +45,7 @@ import numpy as np
 
 from dlcli import backbones
 from dlcli import data as data_lib
-from dlcli import lite, training
+from dlcli import lite, schedules, training
 from dlcli.batchpredict import stream
 from dlcli.errors import UsageError
 from dlcli.images import ranked_rows, read_image
@@ -204,11 +203,9 @@ def unfreeze(model, cfg: dict):
 
 def cosine_schedule(cfg: dict):
     """Phase 2's rate: `fine_tune_lr` at its first epoch, falling along a half cosine towards 0
-    at the end of epoch `epochs`. A function of the epoch alone, so a resumed run (even one
-    given more epochs) sets the same rate as a fresh run of that length."""
+    at the end of epoch `epochs` (see `dlcli.schedules`: exact on resume)."""
     first, length = min(cfg["head_epochs"], cfg["epochs"]), max(cfg["epochs"] - cfg["head_epochs"], 1)
-    return keras.callbacks.LearningRateScheduler(
-        lambda epoch: cfg["fine_tune_lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - first) / length)))
+    return schedules.cosine_per_epoch(cfg["fine_tune_lr"], first, length)
 
 
 def phase_callback(phase: int):
