@@ -732,6 +732,10 @@ def export_command(
     finally:
         reporter.finish()
     folder = Path(out) if out is not None else run.path("export")
+    if meta.get("keras_precision", "float32") != "float32":
+        ERR.print(f"note: this model computes in {meta['keras_precision']} and its export in float32, whose "
+                  f"probabilities differ by that rounding; predict uses the export only with --engine lite",
+                  highlight=False, soft_wrap=True)
     if json_mode:
         _emit_json({**meta, "folder": str(folder)})
     elif not quiet:

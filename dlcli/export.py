@@ -57,15 +57,17 @@ def preprocessing(task: str, cfg: dict) -> dict:
 
 
 def _float32(model):
-    """The model with every mixed-precision layer computing in float32 (same weights)."""
+    """(the model with every mixed-precision layer computing in float32 (same weights), the
+    precision the Keras model computes in)."""
     text = json.dumps(keras.saving.serialize_keras_object(model))
-    if '"mixed_' not in text:
-        return model
-    for policy in ("mixed_bfloat16", "mixed_float16"):
+    mixed = [p for p in ("mixed_bfloat16", "mixed_float16") if f'"{p}"' in text]
+    if not mixed:
+        return model, "float32"
+    for policy in mixed:
         text = text.replace(f'"{policy}"', '"float32"')
     clone = keras.saving.deserialize_keras_object(json.loads(text))
     clone.set_weights(model.get_weights())
-    return clone
+    return clone, mixed[0]
 
 
 def _tflite(model, path: Path) -> None:
@@ -92,7 +94,7 @@ def export(task: str, run, model_file: Path, fmt: str, out: Path | None, classes
     model = training.load_model(model_file, task)
     if task == "autoencoder":
         model = model.get_layer("encoder")
-    model = _float32(model)
+    model, precision = _float32(model)
     out = Path(out) if out is not None else run.path(lite.EXPORT_DIR)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: a file is there; give a folder")
@@ -121,6 +123,9 @@ def export(task: str, run, model_file: Path, fmt: str, out: Path | None, classes
         "source": str(Path(model_file).resolve()), "source_stamp": stamp,
         "input_shape": [None, *[int(d) for d in model.input_shape[1:]]],
         "output": "the encoder's code" if task == "autoencoder" else "class probabilities (softmax)",
+        # where the Keras model computes in mixed precision, the float32 export does not give
+        # its probabilities to 1e-4, so `predict` uses it only when asked (--engine lite)
+        "keras_precision": precision, "precision": "float32",
         "preprocessing": preprocessing(task, cfg), "dlcli_version": __version__, "tensorflow_version": tf.__version__,
     }
     if classes is not None:

@@ -247,3 +247,22 @@ def test_savedmodel_and_the_autoencoders_encoder(tmp_path, cli):
 
     result = cli("export", "gan", "--checkpoint-dir", cli.root, expect=2)
     assert "cannot be exported" in result.stderr
+
+
+def test_auto_leaves_the_float32_export_of_a_mixed_precision_model_alone(tmp_path, cli):
+    """A bfloat16 model's export does not reproduce its probabilities to 1e-4: auto uses Keras."""
+    from types import SimpleNamespace
+
+    from dlcli import lite
+
+    run_dir = make_run(cli.root, "mnist")
+    cli("export", "mnist", "--checkpoint-dir", cli.root)
+    meta_path = run_dir / "export" / "export.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["keras_precision"] == "float32"
+    run = Run("mnist", run_dir)
+    ctx = lambda engine: SimpleNamespace(options={"engine": engine}, checkpoint=None, run=run, reporter=None)  # noqa: E731
+    assert isinstance(lite.model_for(ctx("auto"), "mnist", lambda: "keras model"), lite.LiteModel)
+    meta_path.write_text(json.dumps({**meta, "keras_precision": "mixed_bfloat16"}))
+    assert isinstance(lite.model_for(ctx("auto"), "mnist", lambda: "keras model"), lite.KerasModel)
+    assert isinstance(lite.model_for(ctx("lite"), "mnist", lambda: "keras model"), lite.LiteModel)
