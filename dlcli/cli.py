@@ -627,7 +627,7 @@ def predict_command(
     out: OutOpt = None,
     json_mode: JsonOpt = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per input, as soon as its batch is done.", show_default=False)] = False,
-    engine: Annotated[str, typer.Option("--engine", help="auto: the run's exported .tflite where it is current (no TensorFlow), else Keras; keras; lite.")] = "auto",
+    engine: Annotated[str, typer.Option("--engine", help="auto: the run's exported .tflite where it is current and the model computes in float32 (no TensorFlow), else Keras; keras; lite.")] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Use a trained model on new inputs: `dlcli predict mnist digit.png more.png`.
