@@ -29,7 +29,7 @@ from benchmarks.common import (BENCH, PYTHON, dlcli_cmd, interleaved, machine_fa
                                run_measured, shared_data, write_json)
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)\b")
-KERAS_TASKS_WITH_REFERENCE = ("mnist", "names", "cnn")
+KERAS_TASKS_WITH_REFERENCE = ("mnist", "names", "cnn", "autoencoder")
 ROWS: list[dict] = []
 
 

@@ -70,6 +70,13 @@ def arrays(task: str, cfg: dict):
         x, y, classes = mod.load_split(cfg, "train")
         (xt, yt), (xv, yv) = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
         return (mod.scale(xt), yt), (mod.scale(xv), yv), lambda: mod.build_model(cfg, len(classes))
+    if task == "autoencoder":  # the same faces, the same split; fit(x, x) with no LR schedule
+        from dlcli import faces
+
+        ids, x = faces.load_faces(cfg)
+        train, val = faces.split_ids(ids, cfg["val_fraction"], cfg["seed"])
+        xt, xv = mod.scale(x[train]), mod.scale(x[val])
+        return (xt, xt), (xv, xv), lambda: mod.build_model(cfg)
     raise SystemExit(f"no plain-Keras reference for task {task}")
 
 
