@@ -547,7 +547,7 @@ def train_command(
     if print_config:
         sys.stdout.write(config_lib.to_yaml(cfg))
         return
-    data_lib.check_dataset(task_name, cfg["dataset"])  # before TensorFlow loads and before the run is made
+    data_lib.check_dataset(task_name, cfg["dataset"], task.data)  # before TensorFlow loads and before the run is made
     reporter = _reporter(json_mode, quiet)
     # Before any other TensorFlow work. A worker other than the chief writes a private run,
     # deleted at the end; on --resume it loads the chief's checkpoints.
@@ -597,7 +597,7 @@ def eval_command(
     """Evaluate a trained run on its task's test data (the newest finished run by default)."""
     task = get_task(task_name)
     if dataset:
-        data_lib.check_dataset(task_name, dataset, training=False)
+        data_lib.check_dataset(task_name, dataset, task.data, training=False)
     run = _open_run(task_name, root, run_name, checkpoint)
     cfg = _run_config(task_name, run, {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size})
     reporter = _reporter(json_mode, quiet)

@@ -60,39 +60,23 @@ def parse_dataset(spec: str, allowed: tuple[str, ...] = KINDS) -> tuple[str, str
     return kind, value
 
 
-# What each task's --dataset takes: kinds (as its loader passes them to parse_dataset), the
-# names of its built-in data, the arrays an npz must hold, and whether a folder is split into
-# <split>/<label>/ (an image-classification folder) or is any folder of images.
-TASK_DATA: dict[str, dict] = {
-    "linear": {"kinds": ("npz",), "builtin": ("circles",), "npz_keys": ("x_train", "y_train")},
-    "mnist": {"kinds": ("tfds", "npz", "folder"), "npz_keys": ("x_train", "y_train", "x_test", "y_test"),
-              "labelled_folder": True},
-    "cnn": {"kinds": ("tfds", "folder"), "labelled_folder": True},
-    "finetune": {"kinds": ("tfds", "folder"), "labelled_folder": True},
-    "autoencoder": {"kinds": ("tfds", "folder")},
-    "gan": {"kinds": ("tfds", "folder")},
-    "names": {"kinds": ("text",), "builtin": ("census",)},
-    "caption": {"kinds": ("tfds", "captions")},
-}
-
-
-def check_dataset(task: str, spec: str, training: bool = True) -> None:
-    """Refuse a --dataset the task cannot read, before TensorFlow loads and before a run is made.
+def check_dataset(task: str, spec: str, rules=None, training: bool = True) -> None:
+    """Refuse a --dataset the task cannot read, before TensorFlow loads and before a run is made
+    (`rules`: the task's `DataRules`, what its --dataset takes; None: nothing to check).
 
     What needs TensorFlow (a tensorflow-datasets name, the images themselves) is checked later
     by the task's loader; this catches the rest in milliseconds: a wrong kind, a missing or
     empty path, an npz that is not one or lacks arrays, a folder without images.
     """
-    rules = TASK_DATA.get(task)
-    if rules is None or spec in rules.get("builtin", ()):
+    if rules is None or spec in rules.builtin:
         return
-    kinds = [*(f"{b} (the default)" for b in rules.get("builtin", ())),
-             *("NAME" if k == "tfds" else f"{k}:PATH" for k in rules["kinds"])]
+    kinds = [*(f"{b} (the default)" for b in rules.builtin),
+             *("NAME" if k == "tfds" else f"{k}:PATH" for k in rules.kinds)]
     takes = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
-    if "tfds" not in rules["kinds"] and split_spec(spec)[0] == "tfds":
+    if "tfds" not in rules.kinds and split_spec(spec)[0] == "tfds":
         raise UsageError(f"task {task} cannot use --dataset {spec!r}; it takes {takes}")
     try:
-        kind, value = parse_dataset(spec, allowed=rules["kinds"])
+        kind, value = parse_dataset(spec, allowed=rules.kinds)
     except UsageError as exc:
         if "this task cannot use" in str(exc):
             raise UsageError(f"task {task} cannot use --dataset {spec!r}; it takes {takes}") from None
@@ -105,10 +89,10 @@ def check_dataset(task: str, spec: str, training: bool = True) -> None:
             raise UsageError(f"--dataset {spec!r}: {path} is an empty file")
     if kind == "npz":
         files = npz_names(str(path))
-        missing = [k for k in rules.get("npz_keys", ()) if k not in files] if training else []
+        missing = [k for k in rules.npz_keys if k not in files] if training else []
         if missing:
             raise UsageError(f"{path} lacks the arrays {', '.join(missing)} (it has {', '.join(files) or 'none'})")
-    if kind == "folder" and rules.get("labelled_folder"):
+    if kind == "folder" and rules.labelled_folder:
         check_image_folder(str(path))
     elif kind == "folder":
         if not path.is_dir():

@@ -38,6 +38,8 @@ def test_a_minimal_task_runs_through_train_eval_predict_visualize(cli, minimal, 
     shown = cli("visualize", "minimal-fit", "--run", "a", "--out", str(out))
     assert shown.stdout.strip() == str(out)
     assert_drawn(out, size=(440, 330))
+    refused = cli("train", "minimal", "--dataset", "mnist", expect=2).stderr  # its DataRules, before TensorFlow
+    assert "task minimal cannot use --dataset 'mnist'; it takes line (the default)" in refused
     listed = cli("tasks").stdout
     assert "minimal" in listed and "minimal-fit" in listed
 

@@ -24,7 +24,7 @@ from dlcli.errors import UsageError
 from dlcli.images import in_input_order, read_many
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_npz
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -324,6 +324,7 @@ TASK = TaskSpec(
     name="autoencoder",
     summary="faces through a 32-number code: the course's PCA and deep conv autoencoders",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("tfds", "folder")),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

@@ -57,7 +57,7 @@ from dlcli.errors import UsageError
 from dlcli.images import in_input_order, read_image, read_many
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json, atomic_write_npz
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -623,6 +623,7 @@ TASK = TaskSpec(
     name="caption",
     summary="caption images: a pretrained CNN encoder (cached embeddings) and an LSTM decoder",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("tfds", "captions")),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

@@ -32,7 +32,7 @@ from dlcli.errors import UsageError
 from dlcli.images import ranked_rows, read_image
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -490,6 +490,7 @@ TASK = TaskSpec(
     name="cnn",
     summary="CIFAR-10 from scratch: the course's CNN, and a batch-norm + augmentation recipe",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("tfds", "folder"), labelled_folder=True),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

@@ -51,7 +51,7 @@ from dlcli.errors import UsageError
 from dlcli.images import ranked_rows, read_image
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json, link_or_copy
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -440,6 +440,7 @@ TASK = TaskSpec(
     name="finetune",
     summary="fine-tune a pretrained backbone (EfficientNet-Lite0, ImageNet weights) on flowers or any image folder",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("tfds", "folder"), labelled_folder=True),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

@@ -46,7 +46,7 @@ from dlcli import faces, image_distance, training
 from dlcli.errors import UsageError
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_npy, atomic_write_npz
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -569,6 +569,7 @@ TASK = TaskSpec(
     name="gan",
     summary="a DCGAN drawing 36x36 faces, scored by KID and FID against held-out faces",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("tfds", "folder")),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

@@ -26,7 +26,7 @@ from dlcli.checkpoints import non_finite_error, resume_point, stopped
 from dlcli.errors import UsageError
 from dlcli.interrupts import StopOnSignal
 from dlcli.runs import atomic_write_npz, link_or_copy
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 # The course's settings for the optimizer comparison (seed 42, 100 iterations, batch 4).
@@ -398,6 +398,7 @@ TASK = TaskSpec(
     name="linear",
     summary="logistic / linear regression with hand-written optimizers (NumPy)",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("npz",), builtin=("circles",), npz_keys=("x_train", "y_train")),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

@@ -24,7 +24,7 @@ from dlcli.errors import UsageError
 from dlcli.images import ranked_rows, read_image
 from dlcli.lazy import lazy_import
 from dlcli.runs import atomic_write_json
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -398,6 +398,7 @@ TASK = TaskSpec(
     name="mnist",
     summary="handwritten digits: softmax regression, the course's MLP, a small CNN",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("tfds", "npz", "folder"), npz_keys=("x_train", "y_train", "x_test", "y_test"), labelled_folder=True),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,

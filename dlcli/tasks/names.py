@@ -32,7 +32,7 @@ from dlcli.errors import RunError, UsageError
 from dlcli.lazy import lazy_import
 from dlcli.plots import pyplot, save_figure
 from dlcli.runs import atomic_write_json, atomic_write_text
-from dlcli.tasks import Context, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -493,6 +493,7 @@ TASK = TaskSpec(
     name="names",
     summary="invent names with a character-level RNN, LSTM or GRU",
     defaults=DEFAULTS,
+    data=DataRules(kinds=("text",), builtin=("census",)),
     choices=CHOICES,
     train=train,
     evaluate=evaluate,
