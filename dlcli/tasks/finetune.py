@@ -43,7 +43,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from dlcli import backbones
+from dlcli import backbones, checkpoints
 from dlcli import data as data_lib
 from dlcli import lite, schedules, training
 from dlcli.batchpredict import stream
@@ -231,8 +231,7 @@ def probabilities(model, cfg: dict, images) -> np.ndarray:
 
 
 def _epochs_done(ctx: Context) -> int:
-    backup = ctx.run.latest_backup() if ctx.resume else None
-    return ctx.run.read_backup_state(backup)["epochs_done"] if backup else 0
+    return checkpoints.saved_point(ctx.run).epochs_done if ctx.resume else 0
 
 
 def cached_features(ctx: Context, base_model, train_ds, val_ds, n_classes: int):
@@ -278,18 +277,17 @@ def _assemble(ctx: Context, n_classes: int) -> None:
     """The phase-1 head into the full classifier, unfrozen for phase 2: the checkpoint of
     epoch `head_epochs` marked `phase: 2` (where no phase 2 follows, the run's model)."""
     run, cfg = ctx.run, ctx.cfg
-    backup = run.latest_backup()
-    state = run.read_backup_state(backup)
-    if state.get("steps_done") or state.get("phase") == 2:
+    point = checkpoints.saved_point(run)
+    if point.steps_done or point.extra.get("phase") == 2:
         return  # already in phase 2
-    head = training.load_model(backup / "model.keras", "finetune")
+    head = training.load_model(point.backup / "model.keras", "finetune")
     model = build_model(cfg, n_classes)
     model.get_layer("classes").set_weights(head.get_layer("classes").get_weights())
     unfreeze(model, cfg)
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     ctx.reporter.info(f"phase 2: {cfg_layers(cfg)} of the backbone unfrozen, lr {cfg['fine_tune_lr']:g} "
                       f"(cosine decay per epoch), {trainable:,} trainable parameters")
-    run.save_backup(state["epochs_done"], state["history"], {"model.keras": model.save}, extra={"phase": 2})
+    run.save_backup(point.epochs_done, point.history, training.CheckpointState().files(model), extra={"phase": 2})
 
 
 def cfg_layers(cfg: dict) -> str:
@@ -431,7 +429,7 @@ def view_samples(ctx: Context) -> Path:
               for i, (p, y) in enumerate(zip(pred, labels))]
     colors = ["green" if p == y else "red" for p, y in zip(pred, labels)]
     right = int(sum(p == y for p, y in zip(pred, labels)))
-    return image_grid(images, ctx.out or ctx.run.views_path("finetune-samples"), titles=titles, title_colors=colors,
+    return image_grid(images, ctx.view_path("finetune-samples"), titles=titles, title_colors=colors,
                       cols=6, tile_inches=1.8,
                       suptitle=f"finetune / {ctx.run.name}: {right} of {count} validation images right")
 
