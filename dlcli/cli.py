@@ -691,7 +691,9 @@ def _print_predictions(rows, reporter: Reporter, json_mode: bool, jsonl: bool) -
                 shown = row.get("text") or "  ".join(f"{k} {_human(v)}" for k, v in row.items() if k not in ("input", "note"))
                 if row.get("note"):
                     shown += f"  ({row['note']})"
-                reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False, markup=False)
+                # one line per input, never wrapped: scripts read it line by line
+                reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False,
+                                       markup=False, soft_wrap=True)
     except BrokenPipeError:  # `dlcli predict ... --jsonl | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141)
