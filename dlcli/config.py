@@ -74,6 +74,7 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "d_lr": _range(0, lo_open=True),
     "d_steps": _range(1, 100),
     "kid_samples": _range(2, 1_000_000),
+    "kid_every": _range(0, 100_000, note=" (0: only in `dlcli eval gan`)"),
     "kid_image_size": _range(32, 1024),
     "ema": _range(0, 1, hi_open=True, note=" (0: no weight average)"),
     "alpha": _range(0, 1.5),  # linear: the momentum / moving-mean factor; backbones: the width multiplier

@@ -192,9 +192,28 @@ def test_kid_falls_on_real_faces(tmp_path):
 
 
 def _gan_command(faces_dir: Path, root: Path, run: str, *extra: str) -> list[str]:
+    """A short gan run in its own process; no KID while training (`kid_every=0`): these tests
+    look at the networks, and the KID network would double their time."""
     return [sys.executable, "-m", "dlcli", "train", "gan", "--dataset", f"folder:{faces_dir}", "--batch-size", "2",
-            "--set", "val_fraction=0.25", "--set", "code_size=32", "--set", "kid_image_size=32", "--epochs", "2", "--run", run,
+            "--set", "val_fraction=0.25", "--set", "code_size=32", "--set", "kid_every=0", "--epochs", "2", "--run", run,
             "--checkpoint-dir", str(root), "--quiet", *extra]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from dlcli.checkpoints import load_model
+
+    for wa, wb in zip(load_model(a, "gan").get_weights(), load_model(b, "gan").get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_kid_every_n_epochs_and_the_last(tmp_path, face_dir):
+    cli = Cli(tmp_path / "runs")
+    out = cli.json("train", "gan", "--dataset", f"folder:{face_dir}", *FAST, "--epochs", "3", "--set", "kid_every=2")
+    with open(Path(out["run"]) / "history.csv", newline="") as fh:
+        kid = [row["kid"] for row in csv.DictReader(fh)]
+    assert kid[0] == "" and all(float(k) > 0 for k in kid[1:])  # epoch 2 (every 2nd) and 3 (the last)
+    assert out["metrics"]["kid"] == pytest.approx(float(kid[-1])) and "kid_first_epoch" not in out["metrics"]
+    assert_drawn(cli.json("visualize", "gan-progress", "--run", Path(out["run"]).name)["path"])
 
 
 def test_sigterm_stops_the_gan_at_the_next_step_and_resume_continues_exactly(tmp_path):
@@ -214,9 +233,12 @@ def test_sigterm_stops_the_gan_at_the_next_step_and_resume_continues_exactly(tmp
     assert re.search(r"stopped by SIGTERM (at epoch [12], step \d+|after epoch 1)", err) and "--run stopped --resume" in err
     resumed = subprocess.run(_gan_command(faces_dir, root, "stopped", "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    cli = Cli(root)
-    # Both networks, both optimizers and the noise generator came back: the same generator.
-    assert cli.json("eval", "gan", "--run", "stopped")["metrics"] == cli.json("eval", "gan", "--run", "straight")["metrics"]
+    # Both networks, both optimizers and the noise generator came back: the same networks, the same history.
+    runs = root / "gan"
+    for name in ("generator.keras", "generator_live.keras", "discriminator.keras"):
+        assert_same_weights(runs / "straight" / "backup" / "epoch-0002" / name, runs / "stopped" / "backup" / "epoch-0002" / name)
+    history = (runs / "stopped" / "history.csv").read_text()
+    assert history == (runs / "straight" / "history.csv").read_text() and "kid" not in history  # kid_every=0
 
 
 def test_strategies_mirrored_and_two_workers(tmp_path, face_dir):

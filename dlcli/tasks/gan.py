@@ -64,6 +64,7 @@ DEFAULTS = {
     "augment": True,
     "ema": 0.999,
     "kid_samples": 500,
+    "kid_every": 1,
     "kid_image_size": image_distance.FEATURE_SIZE,
 }
 CHOICES = {"model": ["dcgan", "course"]}
@@ -432,7 +433,8 @@ def train(ctx: Context) -> dict:
     split = faces.load_split(cfg, run)
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
     reporter.info(f"{len(x_train)} training and {len(x_val)} held-out faces, {cfg['image_size']}x{cfg['image_size']}")
-    distance = Distance(x_val, cfg, reporter, cache=run.path(KID_FILE))
+    every = cfg["kid_every"]
+    distance = Distance(x_val, cfg, reporter, cache=run.path(KID_FILE)) if every else None
     batch = min(cfg["batch_size"], len(x_train))
     steps = len(x_train) // batch  # whole batches only: every step sees `batch` real faces
     train_ds = tf.data.Dataset.from_tensor_slices(x_train).cache()
@@ -451,15 +453,19 @@ def train(ctx: Context) -> dict:
         rows.append(to_pixels(gan.sampling_generator().predict(fixed, verbose=0)))
         atomic_write_npy(progress_path, np.stack(rows))
 
-    extras = [training.after_each_epoch(lambda gan, epoch, logs: logs.update(distance(gan.sampling_generator()))),
-              training.after_each_epoch(add_progress_row)]
+    def add_distance(gan, epoch: int, logs: dict) -> None:
+        """KID and FID after every `kid_every`-th epoch and the last."""
+        if (epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]:
+            logs.update(distance(gan.sampling_generator()))
+
+    extras = ([training.after_each_epoch(add_distance)] if distance else []) + [training.after_each_epoch(add_progress_row)]
     gan, history = training.fit(ctx, GanCheckpoint(cfg), train_data, steps_per_epoch=steps, callbacks=extras,
                                 tensorboard=False)
-    first, final = history[0], history[-1]
-    return {"kid": final["kid"], "kid_err": final["kid_err"], "kid_first_epoch": first["kid"],
-            "kid_real": final["kid_real"], "kid_noise": final["kid_noise"], "fid": final["fid"],
-            "fid_real": final["fid_real"], "fid_noise": final["fid_noise"], "d_real": final["d_real"], "d_fake": final["d_fake"],
-            "iterations": int(gan.g_optimizer.iterations.numpy())}
+    final = history[-1]
+    kid = {k: final[k] for k in ("kid", "kid_err", "kid_real", "kid_noise", "fid", "fid_real", "fid_noise") if k in final}
+    if "kid" in history[0]:
+        kid["kid_first_epoch"] = history[0]["kid"]
+    return {**kid, "d_real": final["d_real"], "d_fake": final["d_fake"], "iterations": int(gan.g_optimizer.iterations.numpy())}
 
 
 def evaluate(ctx: Context) -> dict:
@@ -528,8 +534,9 @@ def view_progress(ctx: Context) -> Path:
     history = ctx.run.read_history()
     titles = []
     for epoch in range(len(rows)):
-        kid = history[epoch].get("kid", float("nan")) if epoch < len(history) else float("nan")
-        titles += [f"epoch {epoch + 1} KID {kid:.3f}"] + [""] * (rows.shape[1] - 1)
+        kid = history[epoch].get("kid") if epoch < len(history) else None
+        kid_text = f" KID {kid:.3f}" if isinstance(kid, float) else ""  # `kid_every` skips epochs
+        titles += [f"epoch {epoch + 1}{kid_text}"] + [""] * (rows.shape[1] - 1)
     return image_grid(list(rows.reshape(-1, *rows.shape[2:])), ctx.view_path("gan-progress"),
                       titles=titles, cols=rows.shape[1], tile_inches=0.9,
                       suptitle=f"gan / {ctx.run.name}: the fixed latent batch after each epoch" + _floor_note(history))
