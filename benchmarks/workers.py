@@ -1,9 +1,12 @@
 """Child-process measurements of the suite; each prints one JSON document on stdout.
 
-    python benchmarks/workers.py reference TASK --data DIR --epochs E --batch-size B
+    python benchmarks/workers.py reference TASK --spec JSON
         The plain Keras script: the task's architecture (its own build function, used ONLY
         to build and compile the model), the same in-memory arrays as the dlcli run, and a
         bare `model.fit(..., verbose=0)`; prints the time at which each epoch ended.
+        gan, finetune and caption have their own short scripts (`OWN_SCRIPTS`): a tf.data
+        set for the GAN's train_step, finetune's two phases (phase 2 timed), caption's
+        cached image embeddings.
     python benchmarks/workers.py pipeline TASK --data DIR --batch-size B
         The task's own input pipeline alone (read files, decode, preprocess, batch), no model.
     python benchmarks/workers.py predict-ref TASK --model FILE --images LIST --repeats R
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +34,20 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from dlcli import config as config_lib  # noqa: E402
-from dlcli.tasks import get_task  # noqa: E402
+from dlcli.tasks import Context, get_task  # noqa: E402
 
 
 def task_cfg(task: str, spec: dict) -> dict:
     """The resolved config the dlcli run used (task defaults + the benchmark's overrides)."""
     t = get_task(task)
     return config_lib.resolve(t.defaults, flags=spec.get("flags", {}), choices=t.choices)
+
+
+class QuietReporter:
+    """The tasks' data helpers (cached features, embeddings) say what they compute; not here."""
+
+    def info(self, message: str) -> None:
+        pass
 
 
 class Clock(keras.callbacks.Callback):
@@ -80,9 +91,126 @@ def arrays(task: str, cfg: dict):
     raise SystemExit(f"no plain-Keras reference for task {task}")
 
 
+# -- the tasks that need more than arrays: their own plain scripts -----------------------------
+
+
+def gan_script(cfg: dict) -> dict:
+    """The same faces and split as a new run, whole batches of real faces from a tf.data set
+    (fit(x) would hand train_step a tuple), the task's compiled FaceGAN, and KID/FID after
+    each `kid_every`-th epoch as the task does it (its validation): `Distance` on the
+    averaged generator, in a callback before the clock's."""
+    import tensorflow as tf
+
+    from dlcli import faces
+    from dlcli.tasks import gan
+
+    ids, x = faces.load_faces(cfg)
+    train, val = faces.split_ids(ids, cfg["val_fraction"], cfg["seed"])
+    x_train, x_val = gan.scale(x[train]), gan.scale(x[val])
+    batch = min(cfg["batch_size"], len(x_train))
+    real = (tf.data.Dataset.from_tensor_slices(x_train).shuffle(len(x_train), seed=cfg["seed"])
+            .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    model = gan.new_gan(cfg)  # architecture, optimizers and compile only
+    callbacks = []
+    if cfg["kid_every"]:
+        distance = gan.Distance(x_val, cfg)
+        every = cfg["kid_every"]
+
+        class KID(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if (epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]:
+                    logs.update(distance(self.model.sampling_generator()))
+
+        callbacks.append(KID())
+    clock = Clock()
+    model.fit(real, epochs=cfg["epochs"], verbose=0, callbacks=[*callbacks, clock])
+    # one step = one generator step over `batch` real faces; the remainder is dropped
+    return {"examples": (len(x_train) // batch) * batch, "epoch_ends": clock.ends}
+
+
+def finetune_script(cfg: dict) -> dict:
+    """Both phases as the task's recipe has them, the images decoded once into arrays:
+    phase 1 the head alone on cached pooled features (`cached_features`, `build_head`),
+    untimed; phase 2, timed, the unfrozen classifier (`build_model`, `unfreeze`) on the
+    task's random crops and mirror images (`augmented`, `batches`), with the cosine rate,
+    validated each epoch. The crops are drawn once (epoch 0's) and shuffled each epoch: the
+    task draws new ones per epoch, at the same cost. run.py compares phase 2's epochs."""
+    import tensorflow as tf
+
+    from dlcli.tasks import finetune
+
+    builder, train_split, val_split, _ = finetune._source(cfg)
+    n_classes = len(finetune.class_names(builder))
+
+    def in_memory(split, size=None):
+        ds, _ = finetune.split_data(cfg, builder, split, size)
+        images, labels = zip(*ds.as_numpy_iterator())
+        return np.stack(images), np.array(labels)
+
+    images, labels = in_memory(train_split, finetune.stored_size(cfg))
+    val_images, val_labels = in_memory(val_split)
+    train_ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    val_ds = tf.data.Dataset.from_tensor_slices((val_images, val_labels))
+    model = finetune.build_model(cfg, n_classes)
+    head_epochs = min(cfg["head_epochs"], cfg["epochs"])
+    if head_epochs:
+        features, val_features = finetune.cached_features(Context(cfg, None, QuietReporter()), model, train_ds, val_ds,
+                                                          n_classes)
+        head = finetune.build_head(cfg, n_classes, features.element_spec[0].shape[0])
+        n = int(features.cardinality())
+        head.fit(features.shuffle(n, seed=cfg["seed"]).batch(cfg["batch_size"]), epochs=head_epochs,
+                 validation_data=val_features.batch(256), verbose=0)
+        model.get_layer("classes").set_weights(head.get_layer("classes").get_weights())
+    finetune.unfreeze(model, cfg)
+    indexed = tf.data.Dataset.zip((tf.data.Dataset.range(len(images)), train_ds)).map(lambda i, pair: (i, *pair))
+    shuffled = indexed.shuffle(len(images), seed=cfg["seed"])  # reshuffled each epoch
+    crops = finetune.augmented(cfg, shuffled, 0, cfg["seed"] or 0) if cfg["augment"] else shuffled.map(lambda i, x, y: (x, y))
+    clock = Clock()
+    model.fit(finetune.batches(cfg, crops, n_classes), initial_epoch=head_epochs, epochs=cfg["epochs"],
+              validation_data=finetune.batches(cfg, val_ds, n_classes), verbose=0,
+              callbacks=[finetune.cosine_schedule(cfg), clock])
+    return {"examples": int(len(images)), "epoch_ends": clock.ends}
+
+
+def caption_script(cfg: dict) -> dict:
+    """The task's embeddings of `train_views` crops per training image and of the held-out
+    images (computed here into a temporary cache, as a first run computes them), every caption
+    paired with one view, and fit on arrays: ([embedding, words in], next words, weight 0 on
+    padding), the cosine rate, validated on the held-out captions. The views are drawn once;
+    the task draws them per epoch, at the same cost."""
+    from dlcli import schedules
+    from dlcli.tasks import caption
+
+    data = caption.load_data(cfg)
+    vocab = caption.build_vocab([c for _, caps in data.train for c in caps], cfg["min_word_count"])
+    with tempfile.TemporaryDirectory(prefix="caption-embeddings-") as cache:
+        ctx = Context({**cfg, "cache_dir": cache}, None, QuietReporter())
+        views = caption.embeddings(ctx, data, data.train, data.train_split, views=cfg["train_views"])
+        held_vectors = caption.heldout_embeddings(ctx, data)
+    index, tokens = caption.caption_arrays(data.train, vocab, cfg["max_caption_tokens"])
+    held_index, held_tokens = caption.caption_arrays(data.heldout, vocab, cfg["max_caption_tokens"])
+    view = np.random.default_rng(cfg["seed"]).integers(0, len(views), len(index))
+
+    def xyw(vectors, words):
+        return [vectors, words[:, :-1]], words[:, 1:], (words[:, 1:] != caption.PAD_ID).astype("float32")
+
+    x, y, w = xyw(views[view, index], tokens)
+    model = caption.build_model(cfg, views.shape[2], len(vocab), views[0].mean(0), views[0].var(0) + 1e-6)
+    clock = Clock()
+    model.fit(x, y, sample_weight=w, batch_size=cfg["batch_size"], epochs=cfg["epochs"], shuffle=True,
+              validation_data=xyw(held_vectors[held_index], held_tokens), validation_batch_size=256, verbose=0,
+              callbacks=[schedules.cosine_per_epoch(cfg["lr"], first=0, length=cfg["epochs"]), clock])
+    return {"examples": int(len(tokens)), "epoch_ends": clock.ends}
+
+
+OWN_SCRIPTS = {"gan": gan_script, "finetune": finetune_script, "caption": caption_script}
+
+
 def reference(args, spec):
     cfg = task_cfg(args.task, spec)
     keras.utils.set_random_seed(cfg["seed"])
+    if args.task in OWN_SCRIPTS:
+        return OWN_SCRIPTS[args.task](cfg)
     (xt, yt), (xv, yv), build = arrays(args.task, cfg)
     model = build()  # architecture and compile only
     clock = Clock()
