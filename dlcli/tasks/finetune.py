@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -219,11 +219,13 @@ def phase_callback(phase: int):
     return _Phase()
 
 
-def probabilities(model, cfg: dict, images) -> np.ndarray:
-    """Class probabilities of preprocessed images, averaged with their mirror images if `tta`."""
-    probs = model.predict(images, verbose=0)
-    if cfg["tta"]:
-        probs = (probs + model.predict(images[:, :, ::-1], verbose=0)) / 2
+def probabilities(run: Callable, images: np.ndarray, tta: bool, plain: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities of preprocessed images through `run` (a Keras or exported model's
+    forward pass), averaged with their mirror images if `tta`; `plain`: the images' own
+    probabilities where they are already computed. Eval, predict and the view all use it."""
+    probs = run(images) if plain is None else plain
+    if tta:
+        probs = (probs + run(np.ascontiguousarray(images[:, :, ::-1]))) / 2
     return probs
 
 
@@ -301,7 +303,7 @@ def accuracy_figures(model, cfg: dict, ds, n_classes: int, prefix: str) -> dict:
     for images, y in ds.batch(cfg["batch_size"]).as_numpy_iterator():
         x = np.asarray(backbones.preprocess(cfg["backbone"], images))
         plain.append(model.predict(x, verbose=0))
-        probs.append(probabilities(model, cfg, x))
+        probs.append(probabilities(lambda batch: model.predict(batch, verbose=0), x, cfg["tta"], plain=plain[-1]))
         labels.append(y)
     probs, plain, labels = np.concatenate(probs), np.concatenate(plain), np.concatenate(labels)
     k = min(5, n_classes)
@@ -382,10 +384,7 @@ def evaluate(ctx: Context) -> dict:
 
 def _finish(ctx: Context, model, classes: list[str], paths: list[str], crops: list[np.ndarray]) -> list[dict]:
     x = backbones.preprocess_numpy(backbones.NUMPY_MODES[ctx.cfg["backbone"]], np.stack(crops))
-    probs = model(x)
-    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it
-        probs = (probs + model(np.ascontiguousarray(x[:, :, ::-1]))) / 2
-    return ranked_rows(paths, probs, classes, ctx.options["top_k"])
+    return ranked_rows(paths, probabilities(model, x, ctx.cfg["tta"]), classes, ctx.options["top_k"])  # as eval scores it
 
 
 def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
@@ -423,7 +422,8 @@ def view_samples(ctx: Context) -> Path:
         if i in picked:
             images.append(image)
             labels.append(int(label))
-    probs = probabilities(model, cfg, np.asarray(backbones.preprocess(cfg["backbone"], np.stack(images))))
+    probs = probabilities(lambda batch: model.predict(batch, verbose=0),
+                          np.asarray(backbones.preprocess(cfg["backbone"], np.stack(images))), cfg["tta"])
     pred = probs.argmax(1)
     titles = [f"{classes[p]} {probs[i, p]:.2f}" + ("" if p == y else f"\n(true {classes[y]})")
               for i, (p, y) in enumerate(zip(pred, labels))]
