@@ -201,7 +201,8 @@ def step_callbacks_class():
     Keras's own list converts every step's logs to Python floats before it calls the
     callbacks, as soon as one callback has a per-step hook (the StepWatcher has), and a
     float of a tensor waits for the step to finish: the host cannot queue the next step
-    meanwhile. That cost 0.2-0.3 ms a step, a tenth of a small model's epoch. This list
+    meanwhile. Measured on mnist's MLP at batch 16 (3,250 steps an epoch, 2 idle cores): an
+    epoch took 6.7-10.2 s with this list against 9.7-12.2 s with Keras's. This list
     hands the engine's callbacks (`reads_tensor_logs`) the step's logs as they are: they
     read them only where they need them. Other callbacks still get floats.
     """
