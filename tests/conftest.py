@@ -10,6 +10,12 @@ import json
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Three workers on two cores (pyproject.toml): one TensorFlow thread each (and in the runs
+    # they start), not every worker spreading over both cores. Set before TensorFlow loads.
+    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -25,6 +31,18 @@ def shared_data(relative: str) -> Path:
     if path is None or not path.exists():
         pytest.skip(f"set DLCLI_SHARED_DATA to the folder holding {relative}")
     return path
+
+
+# Seconds each test file takes (`pytest --durations=0`, summed per file, two workers, idle 2 cores).
+# pytest-xdist hands whole files to its workers in collection order (`--no-loadscope-reorder`):
+# the heaviest go first, so no long file starts when the other worker is nearly done.
+FILE_SECONDS = {"test_faults.py": 172, "test_gan.py": 125, "test_finetune.py": 123, "test_crash_points.py": 46,
+                "test_mnist.py": 42, "test_predict_batch.py": 33, "test_autoencoder.py": 32, "test_caption.py": 31,
+                "test_fault_injection.py": 20, "test_cnn.py": 14, "test_cli.py": 12}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: each file keeps its order
 
 
 @pytest.fixture(autouse=True)

@@ -198,7 +198,7 @@ def test_two_workers_train_mnist_together(tmp_path, root):
 
 
 def test_a_dead_worker_fails_the_run_clearly_and_resume_recovers_it(tmp_path, root):
-    x, y = digit_images(200, seed=1)  # enough steps (batch 8) that the kill lands mid-run
+    x, y = digit_images(60, seed=1)  # 73 steps of 8 an epoch: the kill (after epoch 1) lands mid-run
     data = tmp_path / "digits.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
     workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
