@@ -111,9 +111,10 @@ def step_watcher_class():
         saves a mid-epoch checkpoint every `save_every` steps; `fit` reads what it saw.
 
         It reads the step's logs as tensors (`StepCallbacks`) and turns them into floats only
-        where a bar, a NaN check or a checkpoint needs them. It must come first in `model.fit`'s callbacks: at an epoch's end it checks the epoch
-        (finite training logs and weights) before the per-epoch extras (`after_each_epoch`)
-        run, and a failed check stops training, which tells the extras to skip the epoch."""
+        where a bar, a NaN check or a checkpoint needs them. It must come first in
+        `model.fit`'s callbacks: at an epoch's end it checks the epoch (finite training logs
+        and weights) before the per-epoch extras (`after_each_epoch`) run, and a failed check
+        stops training, which tells the extras to skip the epoch."""
 
         reads_tensor_logs = True
 
@@ -232,8 +233,8 @@ def epoch_tensorboard_class():
     """Keras's TensorBoard callback, writing per epoch only (what `fit` uses).
 
     With the default `update_freq="epoch"` Keras's callback still calls `summary.scalar`
-    for every metric at every step (which writes nothing, having no writer, but costs
-    about 0.3 ms each); this one skips that and writes the model's graph as Keras does.
+    for every metric at every step (which writes nothing, having no writer, but converts
+    and dispatches each value); this one skips that and writes the model's graph as Keras does.
     """
 
     class EpochTensorBoard(keras.callbacks.TensorBoard):
