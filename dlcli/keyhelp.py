@@ -80,6 +80,7 @@ TASKS: dict[str, dict[str, str]] = {
         "ema": "decay of the moving average of the generator's weights that draws the faces (0: none)",
         "kid_samples": "generated and held-out faces compared for KID and FID after each epoch",
         "kid_every": "KID and FID after every N-th epoch and the last (0: never while training)",
+        "width": "filters of the dcgan's widest layers (generator width, /2, /4; discriminator /4, /2, width)",
         "kid_image_size": "pixels the faces are resized to for the ImageNet features of KID and FID",
     },
     "names": {

@@ -57,6 +57,7 @@ DEFAULTS = {
     **faces.face_defaults(image_size=36),
     "model": "dcgan",
     "code_size": 128,
+    "width": 128,
     "d_steps": 1,
     "d_lr": 2e-4,
     "label_smoothing": 1.0,
@@ -89,15 +90,16 @@ def build_discriminator(cfg: dict):
 
 
 def _dcgan_generator(cfg: dict):
-    """size/4 x size/4 x 128 -> two stride-2 transposed convs -> size x size x 3 (sigmoid)."""
+    """size/4 x size/4 x width -> two stride-2 transposed convs (width/2, width/4) -> size x size x 3 (sigmoid)."""
     size = cfg["image_size"]
     if size % 4:
         raise UsageError(f"the dcgan generator doubles its size twice; image_size must be a multiple of 4, got {size}")
     z = keras.Input((cfg["code_size"],), name="code")
-    x = keras.layers.Dense(size // 4 * size // 4 * 128, use_bias=False)(z)
+    width = cfg["width"]
+    x = keras.layers.Dense(size // 4 * size // 4 * width, use_bias=False)(z)
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-    x = keras.layers.Reshape((size // 4, size // 4, 128))(x)
-    for filters in (64, 32):
+    x = keras.layers.Reshape((size // 4, size // 4, width))(x)
+    for filters in (max(1, width // 2), max(1, width // 4)):
         x = keras.layers.Conv2DTranspose(filters, 4, strides=2, padding="same", use_bias=False)(x)
         x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
     out = keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="image")(x)
@@ -105,12 +107,14 @@ def _dcgan_generator(cfg: dict):
 
 
 def _dcgan_discriminator(cfg: dict):
-    """Three stride-2 convs (32/64/128, leaky ReLU) and one logit: a tenth of the course's
-    discriminator's work per image, so a step costs mostly the generator."""
+    """Three stride-2 convs (width/4, width/2, width: 32/64/128 by default; leaky ReLU) and one
+    logit: a tenth of the course's discriminator's work per image, so a step costs mostly the
+    generator."""
     size = cfg["image_size"]
     x_in = keras.Input((size, size, 3), name="image")
     x = keras.layers.Rescaling(2.0, offset=-1.0)(x_in)  # [0, 1] pixels -> [-1, 1]
-    for filters, kernel in ((32, 4), (64, 4), (128, 3)):
+    width = cfg["width"]
+    for filters, kernel in ((max(1, width // 4), 4), (max(1, width // 2), 4), (width, 3)):
         x = keras.layers.Conv2D(filters, kernel, strides=2, padding="same")(x)
         x = keras.layers.LeakyReLU(0.2)(x)
     logit = keras.layers.Dense(1, name="logit")(keras.layers.Flatten()(x))
