@@ -208,6 +208,8 @@ def step_callbacks_class():
     read them only where they need them. Other callbacks still get floats.
     """
 
+    from keras.src.utils.python_utils import pythonify_logs
+
     class StepCallbacks(keras.callbacks.CallbackList):
         def __init__(self, callbacks, **params):
             super().__init__(callbacks, add_history=True, **params)
@@ -220,7 +222,7 @@ def step_callbacks_class():
             floats = None
             for callback in self.callbacks:
                 if callback in self.wants_floats:
-                    floats = floats if floats is not None else {k: float(v) for k, v in (logs or {}).items()}
+                    floats = floats if floats is not None else pythonify_logs(logs)  # as Keras's own list
                     callback.on_train_batch_end(batch, logs=floats)
                 else:
                     callback.on_train_batch_end(batch, logs=logs)
