@@ -337,11 +337,13 @@ def main():
             log("== start-up")
             bench_startup(3 if args.quick else 7)
         specs = train_specs(tmp, shared, args.quick, epochs)
+        task_seconds = facts["task_seconds"] = {}  # where the suite's time goes
         for task in tasks:
             if task not in specs:
                 skipped[task] = ["not measured in --quick mode" if args.quick else "no benchmark recipe"]
                 continue
             log(f"== {task}  ({time.perf_counter() - started:.0f}s so far)")
+            task_started = time.perf_counter()
             measured = {}
             try:
                 if "training" not in skip:
@@ -369,13 +371,15 @@ def main():
             except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the suite
                 row("error", task, "benchmark failed", str(exc)[:300], "")
                 log(f"   {task} failed: {exc}")
+            task_seconds[task] = round(time.perf_counter() - task_started, 1)
     facts["elapsed_s"] = round(time.perf_counter() - started, 1)
     table = markdown_table(ROWS)
     print()
     print(table)
     if skipped:
         print("\nnot measured: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in skipped.items()))
-    print(f"\nsuite time {facts['elapsed_s']:.0f}s")
+    print(f"\nsuite time {facts['elapsed_s']:.0f}s; per task: "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in facts.get("task_seconds", {}).items()))
     write_json(Path(args.json_out), {"machine": facts, "rows": ROWS, "skipped": skipped, "table_markdown": table})
     print(f"written {args.json_out}")
 

@@ -29,7 +29,8 @@ def _data_args(task: str, data: Path) -> list[str]:
                 "--set", "save_every_steps=3"]
     if task == "gan":  # 18 training faces in batches of 4: 4 steps per epoch, a checkpoint every 3
         return ["--dataset", f"folder:{data}", "--epochs", "2", "--batch-size", "4", "--set", "val_fraction=0.25",
-                "--set", "code_size=16", "--set", "kid_samples=6", "--set", "kid_image_size=32", "--set", "save_every_steps=3"]
+                "--set", "code_size=16", "--set", "width=32", "--set", "kid_samples=6", "--set", "kid_image_size=32",
+                "--set", "save_every_steps=3"]
     return ["--epochs", "3", "--set", "steps_per_epoch=5", "--set", "n_points=60"]
 
 

@@ -18,8 +18,8 @@ from dlcli import faces
 from dlcli.tasks import gan
 from tests.conftest import Cli, assert_drawn, draw_face, free_port, make_faces, shared_data
 
-FAST = ["--batch-size", "16", "--set", "val_fraction=0.25", "--set", "code_size=32", "--set", "kid_image_size=32",
-        "--quiet"]
+FAST = ["--batch-size", "16", "--set", "val_fraction=0.25", "--set", "code_size=32", "--set", "width=32",
+        "--set", "kid_image_size=32", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,21 @@ def test_models_have_the_course_shapes_and_dcgan_is_the_default():
     assert discriminator.output_shape == (None, 1)
     assert generator.name.startswith("gan_") and discriminator.name.startswith("gan_")
     assert gan.DEFAULTS["model"] == "dcgan"
-    light = gan.build_discriminator(gan.DEFAULTS)
-    assert gan.build_generator(gan.DEFAULTS).output_shape == (None, 36, 36, 3)
-    assert light.count_params() < discriminator.count_params() / 5  # the light discriminator
+
+
+@pytest.mark.parametrize("width", [32, gan.DEFAULTS["width"]])
+def test_dcgan_width_sets_the_filters_of_both_networks(width):
+    import keras
+
+    cfg = {**gan.DEFAULTS, "seed": 0, "width": width}
+    generator, discriminator = gan.build_generator(cfg), gan.build_discriminator(cfg)
+    assert generator.output_shape == (None, 36, 36, 3)
+    assert [layer.filters for layer in generator.layers if isinstance(layer, keras.layers.Conv2DTranspose)] == [
+        width // 2, width // 4]
+    assert [layer.filters for layer in discriminator.layers if isinstance(layer, keras.layers.Conv2D)] == [
+        width // 4, width // 2, width]
+    course = gan.build_discriminator({**cfg, "model": "course"})
+    assert discriminator.count_params() < course.count_params() / 4  # no dense 256 layer
 
 
 def test_diff_augment_is_differentiable_and_changes_each_image_differently():
@@ -195,8 +207,8 @@ def _gan_command(faces_dir: Path, root: Path, run: str, *extra: str) -> list[str
     """A short gan run in its own process; no KID while training (`kid_every=0`): these tests
     look at the networks, and the KID network would double their time."""
     return [sys.executable, "-m", "dlcli", "train", "gan", "--dataset", f"folder:{faces_dir}", "--batch-size", "2",
-            "--set", "val_fraction=0.25", "--set", "code_size=32", "--set", "kid_every=0", "--epochs", "2", "--run", run,
-            "--checkpoint-dir", str(root), "--quiet", *extra]
+            "--set", "val_fraction=0.25", "--set", "code_size=32", "--set", "width=32", "--set", "kid_every=0",
+            "--epochs", "2", "--run", run, "--checkpoint-dir", str(root), "--quiet", *extra]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
