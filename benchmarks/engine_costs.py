@@ -1,0 +1,213 @@
+"""What the training engine costs beside a plain `model.fit`, one suspect at a time.
+
+The suite's training rows compare a whole `dlcli train` process with a plain Keras process,
+minutes apart, and these cores move 10-30 % between minutes. Each check here puts the two
+sides of one suspect next to each other, interleaved, so that drift hits both alike:
+
+    python benchmarks/engine_costs.py determinism --data ../shared/data
+        Plain `model.fit` of mnist's and names' models in fresh processes, with and without
+        `enable_op_determinism` (which exact resume needs), alternating: examples/s each.
+    python benchmarks/engine_costs.py loop --data ../shared/data
+        In one process, blocks of mnist epochs: plain `model.fit` on the arrays against the
+        engine's loop (a `fit` per epoch on `array_epochs`, reseeding, the step watcher,
+        TensorBoard, the rate schedule; no checkpoint): seconds per epoch each.
+    python benchmarks/engine_costs.py save
+        The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
+        mnist models, as `Run.save_backup` writes them after every epoch.
+
+Not part of `run.py` (each check takes minutes and answers one question); the README's
+Performance section quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import PYTHON, child_env, shared_data  # noqa: E402
+
+
+def _data_spec(task: str, shared: Path | None) -> dict:
+    if shared is None:
+        raise SystemExit("engine_costs needs the real data: --data ../shared/data (or DLCLI_SHARED_DATA)")
+    if task == "mnist":
+        return {"flags": {"dataset": f"npz:{shared / 'mnist' / 'mnist.npz'}", "val_size": 2000}}
+    return {"flags": {"dataset": f"text:{shared / 'names' / 'course_names.txt'}"}}
+
+
+def plain_fit(task: str, deterministic: bool, spec: dict, epochs: int) -> float:
+    """Child side of `determinism`: examples/s of the median epoch after the first."""
+    from dlcli.lazy import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+    import tensorflow as tf
+
+    from benchmarks import workers
+
+    cfg = workers.task_cfg(task, spec)
+    keras.utils.set_random_seed(cfg["seed"])
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    (xt, yt), (xv, yv), build = workers.arrays(task, cfg)
+    clock = workers.Clock()
+    build().fit(xt, yt, batch_size=cfg["batch_size"], epochs=epochs, validation_data=(xv, yv),
+                validation_batch_size=1024, shuffle=True, verbose=0, callbacks=[clock])
+    ends = clock.ends
+    return len(xt) / statistics.median(b - a for a, b in zip(ends, ends[1:]))
+
+
+def determinism(args) -> None:
+    import subprocess
+
+    spec = {t: _data_spec(t, shared_data(args.data)) for t in ("mnist", "names")}
+    rates = {(t, d): [] for t in spec for d in (True, False)}
+    for r in range(args.rounds):
+        for deterministic in ((True, False) if r % 2 == 0 else (False, True)):
+            for task in spec:
+                out = subprocess.run([PYTHON, __file__, "_plain-fit", task, str(int(deterministic)),
+                                      json.dumps(spec[task]), str(args.epochs)],
+                                     env=child_env(), capture_output=True, text=True, check=True)
+                rate = float(out.stdout.strip().splitlines()[-1])
+                rates[task, deterministic].append(rate)
+                print(f"round {r + 1} {task:5s} {'with   ' if deterministic else 'without'} determinism "
+                      f"{rate:9,.0f} ex/s", flush=True)
+    for task in spec:
+        on, off = rates[task, True], rates[task, False]
+        print(f"{task}: median {statistics.median(on):,.0f} ex/s with determinism, {statistics.median(off):,.0f} "
+              f"without: ratio {statistics.median(on) / statistics.median(off):.2f}")
+
+
+def loop(args) -> None:
+    from dlcli.lazy import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from dlcli import config as config_lib
+    from dlcli import training
+    from dlcli.tasks import get_task, mnist
+
+    task = get_task("mnist")
+    cfg = config_lib.resolve(task.defaults, flags={}, choices=task.choices)
+    training.set_seed(cfg["seed"])  # both sides run with deterministic kernels
+    with np.load(shared_data(args.data) / "mnist" / "mnist.npz") as d:
+        x, y = d["x_train"][:52000], d["y_train"][:52000]
+    xt, yt, xv, yv = mnist.scale(x[:50000]), y[:50000], mnist.scale(x[50000:]), y[50000:]
+    batch, epochs = cfg["batch_size"], args.epochs
+    train_data, steps = training.array_epochs(xt, yt, batch, cfg["seed"])
+    val_ds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(1024).cache()
+    logs = tempfile.mkdtemp(prefix="engine-costs-")
+
+    class Quiet:  # the reporter and stop flag the step watcher talks to
+        live, requested = False, False
+
+        def start_epoch(self, *a):
+            pass
+
+        def batch(self, *a):
+            pass
+
+    class EpochClock(keras.callbacks.Callback):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.t)
+
+    def plain(model, seconds, first_epoch):
+        model.fit(xt, yt, batch_size=batch, epochs=epochs, validation_data=(xv, yv), validation_batch_size=1024,
+                  shuffle=True, verbose=0, callbacks=[EpochClock(seconds)])
+
+    def engine(model, seconds, first_epoch):
+        for epoch in range(first_epoch, first_epoch + epochs):
+            t = time.perf_counter()
+            training.reseed_model(model, cfg["seed"], epoch)
+            quiet = Quiet()
+            callbacks = training.step_callbacks_class()(
+                [training.step_watcher_class()(quiet, steps, quiet, lambda *a: None),
+                 training.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
+                 training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
+                model=model, verbose=0, epochs=epoch + 1, steps=steps)
+            model.fit(train_data(epoch), validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
+                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
+            seconds.append(time.perf_counter() - t)
+
+    sides = {"plain model.fit": plain, "engine loop": engine}
+    models = {name: mnist.build_model(cfg, 10) for name in sides}
+    seconds = {name: [] for name in sides}
+    for r in range(args.rounds + 1):  # round 0 traces and warms up; not counted
+        for name, side in sides.items():
+            block = []
+            side(models[name], block, r * epochs)
+            if r:
+                seconds[name] += block
+            print(f"round {r} {name:15s} {' '.join(f'{s:.2f}' for s in block)} s", flush=True)
+    for name, values in seconds.items():
+        print(f"{name}: median {statistics.median(values):.2f} s an epoch, {len(xt) / statistics.median(values):,.0f} ex/s")
+
+
+def save(args) -> None:
+    from dlcli.lazy import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import numpy as np
+
+    from dlcli import config as config_lib
+    from dlcli.runs import fsync_file
+    from dlcli.tasks import autoencoder, get_task, mnist
+
+    folder = tempfile.mkdtemp(prefix="engine-costs-")
+    for name, build in (("autoencoder", autoencoder.build_model), ("mnist", lambda cfg: mnist.build_model(cfg, 10))):
+        task = get_task(name)
+        cfg = config_lib.resolve(task.defaults, flags={}, choices=task.choices)
+        model = build(cfg)
+        x = np.random.default_rng(0).random((64, *model.input_shape[1:]), dtype=np.float32)
+        y = x if name == "autoencoder" else np.zeros(64, dtype=np.int64)
+        model.fit(x, y, verbose=0)  # the optimizer's variables exist, as in a checkpoint
+        saves, syncs = [], []
+        for i in range(args.rounds + 1):
+            path = os.path.join(folder, f"{name}-{i}.keras")
+            t0 = time.perf_counter()
+            model.save(path)
+            t1 = time.perf_counter()
+            fsync_file(Path(path))
+            if i:  # the first save imports and warms up
+                saves.append(t1 - t0)
+                syncs.append(time.perf_counter() - t1)
+        size = os.path.getsize(path) / 1e6
+        print(f"{name}: {model.count_params():,} weights, {size:.1f} MB with the optimizer: model.save median "
+              f"{statistics.median(saves):.3f} s (range {min(saves):.3f}-{max(saves):.3f}), fsync "
+              f"{statistics.median(syncs):.3f} s")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_plain-fit":  # the child of `determinism`
+        task, deterministic, spec, epochs = sys.argv[2:6]
+        print(plain_fit(task, deterministic == "1", json.loads(spec), int(epochs)))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("check", choices=["determinism", "loop", "save"])
+    p.add_argument("--data", help="shared data folder (default: $DLCLI_SHARED_DATA)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
+    args = p.parse_args()
+    {"determinism": determinism, "loop": loop, "save": save}[args.check](args)
+
+
+if __name__ == "__main__":
+    main()
