@@ -4,10 +4,10 @@ The suite's training rows compare a whole `dlcli train` process with a plain Ker
 minutes apart, and these cores move 10-30 % between minutes. Each check here puts the two
 sides of one suspect next to each other, interleaved, so that drift hits both alike:
 
-    python benchmarks/engine_costs.py determinism --data ../shared/data
+    python benchmarks/engine_costs.py determinism --data DIR
         Plain `model.fit` of mnist's and names' models in fresh processes, with and without
         `enable_op_determinism` (which exact resume needs), alternating: examples/s each.
-    python benchmarks/engine_costs.py loop --data ../shared/data
+    python benchmarks/engine_costs.py loop --data DIR
         In one process, blocks of mnist epochs: plain `model.fit` on the arrays against the
         engine's loop (a `fit` per epoch on `array_epochs`, reseeding, the step watcher,
         TensorBoard, the rate schedule; no checkpoint): seconds per epoch each.
@@ -15,8 +15,9 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
         mnist models, as `Run.save_backup` writes them after every epoch.
 
-Not part of `run.py` (each check takes minutes and answers one question); the README's
-Performance section quotes them.
+DIR is the folder of real data sets (its `mnist/mnist.npz` and `names/course_names.txt`), or
+$DLCLI_SHARED_DATA. Not part of `run.py` (each check takes minutes and answers one question);
+the README's Performance section quotes them.
 """
 
 from __future__ import annotations
@@ -35,46 +36,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import PYTHON, child_env, shared_data  # noqa: E402
 
 
-def _data_spec(task: str, shared: Path | None) -> dict:
+def _data_spec(task: str, data: str | None) -> dict:
+    """The benchmark spec of `task` on the real data set (`workers.task_cfg` resolves it)."""
+    shared = shared_data(data)
     if shared is None:
-        raise SystemExit("engine_costs needs the real data: --data ../shared/data (or DLCLI_SHARED_DATA)")
+        raise SystemExit("engine_costs needs the real data sets: --data DIR or $DLCLI_SHARED_DATA")
     if task == "mnist":
         return {"flags": {"dataset": f"npz:{shared / 'mnist' / 'mnist.npz'}", "val_size": 2000}}
     return {"flags": {"dataset": f"text:{shared / 'names' / 'course_names.txt'}"}}
 
 
-def plain_fit(task: str, deterministic: bool, spec: dict, epochs: int) -> float:
-    """Child side of `determinism`: examples/s of the median epoch after the first."""
-    from dlcli.lazy import import_tensorflow_quietly
+def _epoch_seconds(ends: list[float]) -> list[float]:
+    """Seconds of each epoch from `workers.plain_fit`'s times since the start of training."""
+    return [b - a for a, b in zip([0.0, *ends], ends)]
 
-    import_tensorflow_quietly()
-    import keras
-    import tensorflow as tf
 
-    from benchmarks import workers
+def reference_rate(task: str, deterministic: bool, spec: dict) -> float:
+    """Child side of `determinism`: the suite's plain-Keras reference, examples/s of the median
+    epoch after the first."""
+    from benchmarks import workers  # imports TensorFlow
 
-    cfg = workers.task_cfg(task, spec)
-    keras.utils.set_random_seed(cfg["seed"])
     if deterministic:
+        import tensorflow as tf
+
         tf.config.experimental.enable_op_determinism()
-    (xt, yt), (xv, yv), build = workers.arrays(task, cfg)
-    clock = workers.Clock()
-    build().fit(xt, yt, batch_size=cfg["batch_size"], epochs=epochs, validation_data=(xv, yv),
-                validation_batch_size=1024, shuffle=True, verbose=0, callbacks=[clock])
-    ends = clock.ends
-    return len(xt) / statistics.median(b - a for a, b in zip(ends, ends[1:]))
+    result = workers.reference(argparse.Namespace(task=task), spec)
+    return result["examples"] / statistics.median(_epoch_seconds(result["epoch_ends"])[1:])
 
 
 def determinism(args) -> None:
     import subprocess
 
-    spec = {t: _data_spec(t, shared_data(args.data)) for t in ("mnist", "names")}
+    spec = {t: _data_spec(t, args.data) for t in ("mnist", "names")}
+    for task_spec in spec.values():
+        task_spec["flags"]["epochs"] = args.epochs
     rates = {(t, d): [] for t in spec for d in (True, False)}
     for r in range(args.rounds):
         for deterministic in ((True, False) if r % 2 == 0 else (False, True)):
             for task in spec:
-                out = subprocess.run([PYTHON, __file__, "_plain-fit", task, str(int(deterministic)),
-                                      json.dumps(spec[task]), str(args.epochs)],
+                out = subprocess.run([PYTHON, __file__, "_reference", task, str(int(deterministic)),
+                                      json.dumps(spec[task])],
                                      env=child_env(), capture_output=True, text=True, check=True)
                 rate = float(out.stdout.strip().splitlines()[-1])
                 rates[task, deterministic].append(rate)
@@ -87,23 +88,15 @@ def determinism(args) -> None:
 
 
 def loop(args) -> None:
-    from dlcli.lazy import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
-    import keras
-    import numpy as np
+    spec = _data_spec("mnist", args.data)
+    from benchmarks import workers  # imports TensorFlow
     import tensorflow as tf
 
-    from dlcli import config as config_lib
     from dlcli import training
-    from dlcli.tasks import get_task, mnist
 
-    task = get_task("mnist")
-    cfg = config_lib.resolve(task.defaults, flags={}, choices=task.choices)
+    cfg = workers.task_cfg("mnist", spec)
     training.set_seed(cfg["seed"])  # both sides run with deterministic kernels
-    with np.load(shared_data(args.data) / "mnist" / "mnist.npz") as d:
-        x, y = d["x_train"][:52000], d["y_train"][:52000]
-    xt, yt, xv, yv = mnist.scale(x[:50000]), y[:50000], mnist.scale(x[50000:]), y[50000:]
+    (xt, yt), (xv, yv), build = workers.arrays("mnist", cfg)  # what dlcli train and the suite's reference use
     batch, epochs = cfg["batch_size"], args.epochs
     train_data, steps = training.array_epochs(xt, yt, batch, cfg["seed"])
     val_ds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(1024).cache()
@@ -118,20 +111,8 @@ def loop(args) -> None:
         def batch(self, *a):
             pass
 
-    class EpochClock(keras.callbacks.Callback):
-        def __init__(self, seconds):
-            super().__init__()
-            self.seconds = seconds
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.t)
-
     def plain(model, seconds, first_epoch):
-        model.fit(xt, yt, batch_size=batch, epochs=epochs, validation_data=(xv, yv), validation_batch_size=1024,
-                  shuffle=True, verbose=0, callbacks=[EpochClock(seconds)])
+        seconds += _epoch_seconds(workers.plain_fit(model, (xt, yt), (xv, yv), batch, epochs))
 
     def engine(model, seconds, first_epoch):
         for epoch in range(first_epoch, first_epoch + epochs):
@@ -148,7 +129,7 @@ def loop(args) -> None:
             seconds.append(time.perf_counter() - t)
 
     sides = {"plain model.fit": plain, "engine loop": engine}
-    models = {name: mnist.build_model(cfg, 10) for name in sides}
+    models = {name: build() for name in sides}
     seconds = {name: [] for name in sides}
     for r in range(args.rounds + 1):  # round 0 traces and warms up; not counted
         for name, side in sides.items():
@@ -196,13 +177,13 @@ def save(args) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_plain-fit":  # the child of `determinism`
-        task, deterministic, spec, epochs = sys.argv[2:6]
-        print(plain_fit(task, deterministic == "1", json.loads(spec), int(epochs)))
+    if len(sys.argv) > 1 and sys.argv[1] == "_reference":  # the child of `determinism`
+        task, deterministic, spec = sys.argv[2:5]
+        print(reference_rate(task, deterministic == "1", json.loads(spec)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("check", choices=["determinism", "loop", "save"])
-    p.add_argument("--data", help="shared data folder (default: $DLCLI_SHARED_DATA)")
+    p.add_argument("--data", help="folder of the real data sets (default: $DLCLI_SHARED_DATA)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
     args = p.parse_args()
