@@ -103,6 +103,61 @@ def test_diff_augment_is_differentiable_and_changes_each_image_differently():
     assert len(np.unique(np.round(change, 4))) == 4
 
 
+def test_diff_augment_without_color_only_moves_pixels():
+    """`augment_color` false (the default): every pixel the discriminator sees is a real pixel
+    shifted, or the zero padding; colours are never changed."""
+    import keras
+    import tensorflow as tf
+
+    x = face_pixels(6, seed=2)
+    y = gan.diff_augment(tf.constant(x), keras.random.SeedGenerator(3), shift=4, color=False).numpy()
+    for src, out in zip(x, y):
+        assert np.isin(out, np.append(src, 0.0)).all()
+    assert any(not np.array_equal(src, out) for src, out in zip(x, y))
+    coloured = gan.diff_augment(tf.constant(x), keras.random.SeedGenerator(3), shift=4, color=True).numpy()
+    assert not all(np.isin(out, np.append(src, 0.0)).all() for src, out in zip(x, coloured))
+
+
+@pytest.mark.parametrize("model", ["dcgan", "course"])
+def test_mixed_precision_networks_compute_in_bfloat16_and_hand_over_float32(model):
+    """`precision` mixed_bfloat16 (what `auto` picks on a CPU with bfloat16 instructions): the
+    layers compute in bfloat16, the faces and the logits come out float32 for the losses,
+    DiffAugment and KID."""
+    import keras
+
+    from dlcli import training
+
+    cfg = {**gan.DEFAULTS, "seed": 0, "model": model, "width": 32, "code_size": 32}
+    with training.precision("mixed_bfloat16"):
+        generator, discriminator = gan.build_generator(cfg), gan.build_discriminator(cfg)
+    faces_out = generator(np.zeros((2, 32), np.float32))
+    dtype = keras.backend.standardize_dtype
+    assert dtype(faces_out.dtype) == "float32" and dtype(discriminator(faces_out).dtype) == "float32"
+    assert "bfloat16" in {layer.compute_dtype for layer in generator.layers + discriminator.layers}
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is put back
+
+
+def test_recalibrated_batchnorm_normalises_with_the_fixed_codes_own_statistics():
+    """After `recalibrate_batchnorm` the generator in inference mode draws from the fixed codes
+    exactly what a training-mode pass draws (each BatchNorm holds that batch's mean and
+    variance), the layers keep their momentum, and a second call changes nothing."""
+    import keras
+
+    cfg = {**gan.DEFAULTS, "seed": 0, "width": 32, "code_size": 32, "precision": "float32"}
+    generator = gan.build_generator(cfg)
+    codes = gan.latent(gan.BATCHNORM_CODES, gan.FIXED_SEED + 2, 32)
+    before = np.asarray(generator(codes, training=False))
+    gan.recalibrate_batchnorm(generator)
+    after = np.asarray(generator(codes, training=False))
+    stats = [np.array(v) for v in generator.non_trainable_variables]
+    gan.recalibrate_batchnorm(generator)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(stats, generator.non_trainable_variables))
+    np.testing.assert_allclose(after, np.asarray(generator(codes, training=True)), atol=1e-5)
+    assert np.abs(after - before).max() > 1e-3  # the initial statistics (0 and 1) did not fit
+    norms = [layer for layer in generator.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 3 and all(layer.momentum == 0.99 for layer in norms)
+
+
 def test_train_writes_history_with_kid_and_progress(trained_cli):
     cli, straight, _ = trained_cli
     run_dir = cli.root / "gan" / "straight"
