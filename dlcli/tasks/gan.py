@@ -18,10 +18,10 @@ Two models (`model`):
   256, d_steps 2, label_smoothing 0.9, augment false, ema 0, precision float32` (README).
 
 `FaceGAN` is a Keras Model with a custom `train_step` that makes `d_steps` discriminator
-updates (fresh noise each) and one generator update per batch, each network with its own
-optimizer; real labels are smoothed to `label_smoothing` (1: none). The moving average is
-Keras's own optimizer EMA (`use_ema`, with a warm-up), so it lives in the generator
-optimizer's variables and resumes exactly with them.
+updates (one: on the generator update's faces; more: fresh noise each) and one generator
+update per batch, each network with its own optimizer; real labels are smoothed to
+`label_smoothing` (1: none). The moving average is Keras's own optimizer EMA (`use_ema`, with
+a warm-up), so it lives in the generator optimizer's variables and resumes exactly with them.
 
 It trains through the engine's `training.fit` with its own `GanCheckpoint`: saving the
 FaceGAN with `model.save` would need this Model subclass registered for safe-mode loading
