@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from dlcli.errors import UsageError
+from dlcli.precision import PRECISIONS
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -36,7 +37,7 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 # Keys with a fixed set of values in every task that has them.
-COMMON_CHOICES: dict[str, list] = {"strategy": ["default", "mirrored", "multi-worker"]}
+COMMON_CHOICES: dict[str, list] = {"strategy": ["default", "mirrored", "multi-worker"], "precision": list(PRECISIONS)}
 
 def _range(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
            note: str = "") -> tuple[Callable[[Any], bool], str]:

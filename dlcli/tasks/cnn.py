@@ -51,7 +51,7 @@ DEFAULTS = {
     "lr_decay": 0.9,  # course model: learning rate x lr_decay each epoch
     "val_size": 2000,  # training images held out (seeded) for validation
 }
-CHOICES = {"model": ["default", "course"], "precision": list(training.PRECISIONS)}
+CHOICES = {"model": ["default", "course"]}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
