@@ -145,7 +145,7 @@ def test_recalibrated_batchnorm_normalises_with_the_fixed_codes_own_statistics()
 
     cfg = {**gan.DEFAULTS, "seed": 0, "width": 32, "code_size": 32, "precision": "float32"}
     generator = gan.build_generator(cfg)
-    codes = gan.latent(gan.BATCHNORM_CODES, gan.FIXED_SEED + 2, 32)
+    codes = gan.batchnorm_codes(32)
     before = np.asarray(generator(codes, training=False))
     gan.recalibrate_batchnorm(generator)
     after = np.asarray(generator(codes, training=False))

@@ -75,7 +75,7 @@ DEFAULTS = {
     "kid_every": 1,
     "kid_image_size": image_distance.FEATURE_SIZE,
 }
-CHOICES = {"model": ["dcgan", "course"], "precision": list(training.PRECISIONS)}
+CHOICES = {"model": ["dcgan", "course"]}
 GENERATOR_FILE, DISCRIMINATOR_FILE = "generator.keras", "discriminator.keras"
 LIVE_GENERATOR_FILE = "generator_live.keras"  # with `ema`: the trained weights; generator.keras holds their average
 OPTIMIZERS_FILE, KID_FILE, PROGRESS_FILE = "optimizers.npz", "kid_features.npz", "progress.npy"
@@ -194,12 +194,14 @@ def warm_ema_adam_class():
     return WarmEmaAdam
 
 
-BATCHNORM_CODES = 1024  # codes of the pass that gives the averaged generator its BatchNorm statistics
+def batchnorm_codes(code_size: int) -> np.ndarray:
+    """The fixed batch of 1,024 codes whose pass gives the averaged generator its BatchNorm statistics."""
+    return latent(1024, FIXED_SEED + 2, code_size)
 
 
 def recalibrate_batchnorm(generator) -> None:
-    """Give a generator BatchNorm statistics of its own: one training-mode pass over a fixed
-    batch of `BATCHNORM_CODES` codes, each BatchNorm layer taking that batch's mean and variance.
+    """Give a generator BatchNorm statistics of its own: one training-mode pass over
+    `batchnorm_codes`, each BatchNorm layer taking that batch's mean and variance.
 
     The averaged (EMA) weights compute other activations than the live weights whose moving
     statistics the training left, and normalising with the live ones blurs the samples
@@ -213,7 +215,7 @@ def recalibrate_batchnorm(generator) -> None:
     for layer in norms:
         layer.momentum = 0.0  # the moving statistics become this pass's
     try:
-        generator(latent(BATCHNORM_CODES, FIXED_SEED + 2, generator.input_shape[-1]), training=True)
+        generator(batchnorm_codes(generator.input_shape[-1]), training=True)
     finally:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum
@@ -258,6 +260,7 @@ def _define_face_gan():
             super().__init__(name="gan_trainer")
             self.generator, self.discriminator = generator, discriminator
             self.sampler = sampler or generator  # with `ema`, a copy that gets the averaged weights
+            self.sampler_step = None  # the generator step whose averaged weights the sampler holds
             self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
             self.code_size, self.d_steps = cfg["code_size"], cfg["d_steps"]
             self.smooth = cfg["label_smoothing"]
@@ -288,12 +291,16 @@ def _define_face_gan():
 
         def sampling_generator(self):
             """The generator that draws samples: with `ema`, the copy given the optimizer's
-            averaged weights now, with BatchNorm statistics of its own (`recalibrate_batchnorm`)."""
-            if self.sampler is not self.generator:
+            averaged weights now, with BatchNorm statistics of its own (`recalibrate_batchnorm`);
+            asked again at the same step (KID, progress row and checkpoint at an epoch's end),
+            the copy as it is."""
+            step = int(self.g_optimizer.iterations.numpy())
+            if self.sampler is not self.generator and step != self.sampler_step:
                 averages = self.g_optimizer._model_variables_moving_average  # Keras's use_ema store
                 for var, average in zip(self.sampler.trainable_variables, averages):
                     var.assign(average)
                 recalibrate_batchnorm(self.sampler)
+                self.sampler_step = step
             return self.sampler
 
         def train_step(self, real):
