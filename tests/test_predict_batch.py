@@ -266,3 +266,19 @@ def test_auto_leaves_the_float32_export_of_a_mixed_precision_model_alone(tmp_pat
     meta_path.write_text(json.dumps({**meta, "keras_precision": "mixed_bfloat16"}))
     assert isinstance(lite.model_for(ctx("auto"), "mnist", lambda: "keras model"), lite.KerasModel)
     assert isinstance(lite.model_for(ctx("lite"), "mnist", lambda: "keras model"), lite.LiteModel)
+
+
+def test_keras_model_pads_a_short_last_batch_and_traces_once():
+    """A stream's short last batch is padded to the full batch, so Keras does not trace its
+    predict step a second time, and its rows are what the model gives those images alone."""
+    import keras
+
+    from dlcli.lite import KerasModel
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).standard_normal((13, 4)).astype("float32")
+    run = KerasModel(model)
+    full, short = run(x[:8]), run(x[8:])
+    assert short.shape == (5, 3)
+    np.testing.assert_allclose(np.concatenate([full, short]), model(x).numpy(), atol=1e-6)
+    assert model.predict_function.experimental_get_tracing_count() == 1
