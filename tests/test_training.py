@@ -34,3 +34,37 @@ def test_tensorboard_writes_no_per_step_summaries(tmp_path, monkeypatch):
     board._should_write_train_graph = False
     board.on_train_batch_end(0, {"loss": 1.0, "accuracy": 0.5})
     assert written == []
+
+
+def test_without_autotune_thread_keeps_the_elements_and_turns_the_autotuner_off():
+    ds = tf.data.Dataset.range(10).batch(4).prefetch(tf.data.AUTOTUNE)
+    quiet = training.without_autotune_thread(ds)
+    assert ds.options().autotune.enabled is not False  # left as it was
+    assert quiet.options().autotune.enabled is False
+    assert [b.tolist() for b in quiet.as_numpy_iterator()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert training.without_autotune_thread(None) is None  # no validation data
+    arrays = ([1.0], [2.0])
+    assert training.without_autotune_thread(arrays) is arrays  # only tf.data data sets change
+
+
+def test_fit_hands_keras_every_epoch_without_the_autotune_thread(cli, monkeypatch):
+    """Deleting an autotuned iterator waits out the autotuner's sleep (up to a minute), once
+    an epoch: fit must give model.fit data sets whose autotuner is off."""
+    from tests import minimal_task
+
+    seen = []
+    original = keras.Model.fit
+
+    def spy(self, x=None, *args, **kwargs):
+        seen.append(x.options().autotune.enabled)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    from dlcli import tasks
+    tasks.add_task("minimal", "tests.minimal_task")
+    try:
+        cli("train", "minimal", "--run", "quiet", "--quiet")
+    finally:
+        tasks.remove_task("minimal")
+    assert len(seen) == minimal_task.DEFAULTS["epochs"]
+    assert seen == [False] * len(seen)
