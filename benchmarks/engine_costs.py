@@ -11,6 +11,11 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         In one process, blocks of mnist epochs: plain `model.fit` on the arrays against the
         engine's loop (a `fit` per epoch on `array_epochs`, reseeding, the step watcher,
         TensorBoard, the rate schedule; no checkpoint): seconds per epoch each.
+    python benchmarks/engine_costs.py autotune --data DIR
+        In one process, a `model.fit` per mnist epoch on `array_epochs` data with tf.data's
+        autotuner on (TensorFlow's default) and off (what `training.fit` hands Keras),
+        alternating: each epoch's seconds and how long `fit` took to return after its last
+        step (deleting an autotuned iterator waits out the autotuner's sleep).
     python benchmarks/engine_costs.py save
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
         mnist models, as `Run.save_backup` writes them after every epoch.
@@ -124,8 +129,9 @@ def loop(args) -> None:
                  training.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
                  training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
                 model=model, verbose=0, epochs=epoch + 1, steps=steps)
-            model.fit(train_data(epoch), validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
-                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
+            model.fit(training.without_autotune_thread(train_data(epoch)),
+                      validation_data=training.without_autotune_thread(val_ds), initial_epoch=epoch,
+                      epochs=epoch + 1, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
             seconds.append(time.perf_counter() - t)
 
     sides = {"plain model.fit": plain, "engine loop": engine}
@@ -140,6 +146,40 @@ def loop(args) -> None:
             print(f"round {r} {name:15s} {' '.join(f'{s:.2f}' for s in block)} s", flush=True)
     for name, values in seconds.items():
         print(f"{name}: median {statistics.median(values):.2f} s an epoch, {len(xt) / statistics.median(values):,.0f} ex/s")
+
+
+def autotune(args) -> None:
+    spec = _data_spec("mnist", args.data)
+    from benchmarks import workers  # imports TensorFlow
+    import keras
+
+    from dlcli import training
+
+    cfg = workers.task_cfg("mnist", spec)
+    (xt, yt), _, build = workers.arrays("mnist", cfg)
+    train_data, steps = training.array_epochs(xt, yt, cfg["batch_size"], cfg["seed"])
+
+    class LastStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.at = time.perf_counter()
+
+    sides = {"autotuner on": lambda ds: ds, "autotuner off": training.without_autotune_thread}
+    models = {name: build() for name in sides}
+    seconds, waits = ({name: [] for name in sides} for _ in range(2))
+    for epoch in range(args.rounds * args.epochs + 1):  # epoch 0 traces and warms up; not counted
+        for name, data in sides.items():
+            last = LastStep()
+            t = time.perf_counter()
+            models[name].fit(data(train_data(epoch)), initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
+                             callbacks=[last], shuffle=False, verbose=0)
+            end = time.perf_counter()
+            if epoch:
+                seconds[name].append(end - t)
+                waits[name].append(end - last.at)
+            print(f"epoch {epoch} {name:13s} {end - t:.2f} s, {end - last.at:.2f} s after the last step", flush=True)
+    for name in sides:
+        print(f"{name}: median {statistics.median(seconds[name]):.2f} s an epoch, after the last step median "
+              f"{statistics.median(waits[name]):.2f} s, max {max(waits[name]):.2f} s")
 
 
 def save(args) -> None:
@@ -182,12 +222,12 @@ def main() -> None:
         print(reference_rate(task, deterministic == "1", json.loads(spec)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["determinism", "loop", "save"])
+    p.add_argument("check", choices=["determinism", "loop", "autotune", "save"])
     p.add_argument("--data", help="folder of the real data sets (default: $DLCLI_SHARED_DATA)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
     args = p.parse_args()
-    {"determinism": determinism, "loop": loop, "save": save}[args.check](args)
+    {"determinism": determinism, "loop": loop, "autotune": autotune, "save": save}[args.check](args)
 
 
 if __name__ == "__main__":

@@ -279,7 +279,7 @@ def predict_probabilities(model, images: np.ndarray, tta: bool):
         ds = tf.data.Dataset.from_tensor_slices(x).batch(512)
         if x.dtype == np.uint8:
             ds = ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
-        return model.predict(ds.prefetch(2), verbose=0)
+        return model.predict(training.without_autotune_thread(ds.prefetch(2)), verbose=0)
 
     plain = run(images)
     if not tta:
