@@ -81,6 +81,16 @@ class Cli:
 
 
 @pytest.fixture
+def minimal():
+    """tests/minimal_task.py registered as task `minimal` for the test."""
+    from dlcli import tasks
+
+    tasks.add_task("minimal", "tests.minimal_task")
+    yield
+    tasks.remove_task("minimal")
+
+
+@pytest.fixture
 def cli(root) -> Cli:
     return Cli(root)
 

@@ -15,13 +15,6 @@ from tests import minimal_task
 from tests.conftest import assert_drawn
 
 
-@pytest.fixture
-def minimal():
-    tasks.add_task("minimal", "tests.minimal_task")
-    yield
-    tasks.remove_task("minimal")
-
-
 def test_a_minimal_task_runs_through_train_eval_predict_visualize(cli, minimal, tmp_path):
     trained = cli.json("train", "minimal", "--run", "a", "--quiet")
     run_dir = cli.root / "minimal" / "a"

@@ -47,7 +47,7 @@ def test_without_autotune_thread_keeps_the_elements_and_turns_the_autotuner_off(
     assert training.without_autotune_thread(arrays) is arrays  # only tf.data data sets change
 
 
-def test_fit_hands_keras_every_epoch_without_the_autotune_thread(cli, monkeypatch):
+def test_fit_hands_keras_every_epoch_without_the_autotune_thread(cli, minimal, monkeypatch):
     """Deleting an autotuned iterator waits out the autotuner's sleep (up to a minute), once
     an epoch: fit must give model.fit data sets whose autotuner is off."""
     from tests import minimal_task
@@ -60,11 +60,6 @@ def test_fit_hands_keras_every_epoch_without_the_autotune_thread(cli, monkeypatc
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", spy)
-    from dlcli import tasks
-    tasks.add_task("minimal", "tests.minimal_task")
-    try:
-        cli("train", "minimal", "--run", "quiet", "--quiet")
-    finally:
-        tasks.remove_task("minimal")
+    cli("train", "minimal", "--run", "quiet", "--quiet")
     assert len(seen) == minimal_task.DEFAULTS["epochs"]
     assert seen == [False] * len(seen)
