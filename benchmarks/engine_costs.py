@@ -16,6 +16,10 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         autotuner on (TensorFlow's default) and off (what `training.fit` hands Keras),
         alternating: each epoch's seconds and how long `fit` took to return after its last
         step (deleting an autotuned iterator waits out the autotuner's sleep).
+    python benchmarks/engine_costs.py precision
+        What `precision: auto` decides: in one process, float32 against mixed_bfloat16,
+        alternating, on random data of the real shapes: gan training steps (faces/s) and cnn's
+        default model, training and predict (examples/s). Prints whether the CPU has AMX.
     python benchmarks/engine_costs.py save
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
         mnist models, as `Run.save_backup` writes them after every epoch.
@@ -182,6 +186,47 @@ def autotune(args) -> None:
               f"{statistics.median(waits[name]):.2f} s, max {max(waits[name]):.2f} s")
 
 
+def precision(args) -> None:
+    from dlcli.lazy import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import numpy as np
+    import tensorflow as tf
+
+    from dlcli import config as config_lib
+    from dlcli.precision import cpu_has_amx
+    from dlcli.tasks import cnn, gan, get_task
+
+    print(f"AMX: {cpu_has_amx()}; bfloat16 instructions (avx512_bf16): "
+          f"{' avx512_bf16' in Path('/proc/cpuinfo').read_text()}")
+    rng = np.random.default_rng(0)
+    policies = ("float32", "mixed_bfloat16")
+    gan_cfg = config_lib.resolve(get_task("gan").defaults, flags={}, choices=get_task("gan").choices)
+    faces = rng.uniform(-1, 1, (16 * gan_cfg["batch_size"], gan_cfg["image_size"], gan_cfg["image_size"], 3))
+    faces_ds = tf.data.Dataset.from_tensor_slices(faces.astype("float32")).batch(gan_cfg["batch_size"])
+    images = rng.random((2048, 32, 32, 3), dtype=np.float32)
+    labels = rng.integers(0, 10, len(images))
+    gans, cnns = {}, {}
+    for name in policies:  # build, trace and warm up each side once
+        gans[name] = gan.new_gan({**gan_cfg, "precision": name})
+        gans[name].fit(faces_ds, shuffle=False, verbose=0)
+        cnns[name] = cnn.build_model({**cnn.DEFAULTS, "precision": name})
+        cnns[name].compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        cnns[name].fit(images, labels, batch_size=128, verbose=0)
+        cnns[name].predict(images, batch_size=256, verbose=0)
+    for r in range(args.rounds):
+        for name in policies if r % 2 == 0 else policies[::-1]:
+            t0 = time.perf_counter()
+            gans[name].fit(faces_ds, shuffle=False, verbose=0)
+            t1 = time.perf_counter()
+            cnns[name].fit(images, labels, batch_size=128, verbose=0)
+            t2 = time.perf_counter()
+            cnns[name].predict(images, batch_size=256, verbose=0)
+            t3 = time.perf_counter()
+            print(f"round {r} {name:14s} gan training {len(faces) / (t1 - t0):6.0f} faces/s, cnn training "
+                  f"{len(images) / (t2 - t1):5.0f} ex/s, cnn predict {len(images) / (t3 - t2):5.0f} img/s", flush=True)
+
+
 def save(args) -> None:
     from dlcli.lazy import import_tensorflow_quietly
 
@@ -222,12 +267,12 @@ def main() -> None:
         print(reference_rate(task, deterministic == "1", json.loads(spec)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["determinism", "loop", "autotune", "save"])
+    p.add_argument("check", choices=["determinism", "loop", "autotune", "precision", "save"])
     p.add_argument("--data", help="folder of the real data sets (default: $DLCLI_SHARED_DATA)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
     args = p.parse_args()
-    {"determinism": determinism, "loop": loop, "autotune": autotune, "save": save}[args.check](args)
+    {"determinism": determinism, "loop": loop, "autotune": autotune, "precision": precision, "save": save}[args.check](args)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
     assert loaded.get_layer("stem").compute_dtype == "bfloat16"
     assert cnn.build_model({**cfg, "precision": "float32"}).get_layer("stem").compute_dtype == "float32"
     with precision.precision("auto") as chosen:
-        assert chosen == ("mixed_bfloat16" if precision.cpu_has_bfloat16() else "float32")
+        assert chosen == ("mixed_bfloat16" if precision.cpu_has_amx() else "float32")
 
 
 def test_tta_averages_an_image_with_its_mirror():
