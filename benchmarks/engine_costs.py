@@ -15,7 +15,9 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         In one process, a `model.fit` per mnist epoch on `array_epochs` data with tf.data's
         autotuner on (TensorFlow's default) and off (what `training.fit` hands Keras),
         alternating: each epoch's seconds and how long `fit` took to return after its last
-        step (deleting an autotuned iterator waits out the autotuner's sleep).
+        step (deleting an autotuned iterator waits out the autotuner's sleep). Then cnn's
+        `model.predict` on 1,700 images in memory, Keras's data set of arrays as shipped and
+        as dlcli patches it, alternating: seconds a call.
     python benchmarks/engine_costs.py precision
         What `precision: auto` decides: in one process, float32 against mixed_bfloat16,
         alternating, on random data of the real shapes: gan training steps (faces/s) and cnn's
@@ -184,6 +186,33 @@ def autotune(args) -> None:
     for name in sides:
         print(f"{name}: median {statistics.median(seconds[name]):.2f} s an epoch, after the last step median "
               f"{statistics.median(waits[name]):.2f} s, max {max(waits[name]):.2f} s")
+    predict_on_arrays(args.rounds * args.epochs)
+
+
+def predict_on_arrays(rounds: int) -> None:
+    """Keras's own data set of arrays (`model.predict(x)`) as Keras ships it and as dlcli
+    patches it (`keras_workarounds.array_data_without_autotune`): seconds a call, alternating."""
+    import numpy as np
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from dlcli.tasks import cnn
+
+    patched = ArrayDataAdapter.get_tf_dataset  # dlcli's, installed at its first use of Keras
+    sides = {"as Keras ships it": patched.original, "dlcli's patch": patched}
+    model = cnn.build_model({**cnn.DEFAULTS, "precision": "float32"})
+    x = np.random.default_rng(0).random((1700, 32, 32, 3), dtype=np.float32)
+    model.predict(x, batch_size=256, verbose=0)  # traces
+    seconds = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, method in sides.items():
+            ArrayDataAdapter.get_tf_dataset = method
+            t = time.perf_counter()
+            model.predict(x, batch_size=256, verbose=0)
+            seconds[name].append(time.perf_counter() - t)
+    ArrayDataAdapter.get_tf_dataset = patched
+    for name, times in seconds.items():
+        print(f"cnn model.predict of {len(x):,} images, data set {name}: " + " ".join(f"{t:.2f}" for t in times)
+              + f" s; median {statistics.median(times):.2f} s")
 
 
 def precision(args) -> None:

@@ -1,4 +1,4 @@
-"""Keras workarounds, each in one place with what it works around.
+"""Keras and tf.data workarounds, each in one place with what it works around.
 
 Each has a test in tests/test_keras_workarounds.py that fails when the workaround is no
 longer needed (or no longer works), so it can be removed rather than carried on:
@@ -10,6 +10,12 @@ longer needed (or no longer works), so it can be removed rather than carried on:
 - `seed_generators`: Keras has no public way to list the random-number generators inside
   a model (dropout, augmentation), which per-epoch reseeding needs; this walks the private
   `_flatten_layers`.
+- `without_autotune_thread`: deleting a tf.data iterator waits out its autotuner's sleep
+  (TensorFlow 2.21); `training.fit` hands Keras every epoch's data through it.
+- `array_data_without_autotune`: the same for the data sets Keras makes of arrays
+  (`model.predict(x)`, `evaluate`, `fit(x, y)`); it patches the private
+  `ArrayDataAdapter.get_tf_dataset`, once per process, at dlcli's first use of Keras
+  (`dlcli.lazy`).
 """
 
 from __future__ import annotations
@@ -55,3 +61,55 @@ def seed_generators(model) -> list:
     for layer in model._flatten_layers(include_self=True, recursive=True):
         found.extend(v for v in vars(layer).values() if isinstance(v, keras.random.SeedGenerator))
     return found
+
+
+def without_autotune_thread(dataset):
+    """The data set with tf.data's autotuner off, so that deleting its iterator is instant.
+
+    The autotuner runs a thread beside each iterator that sleeps between rounds, 10 ms at
+    first and twice as long each round, up to a minute, and deleting the iterator waits for
+    that sleep to end (TensorFlow 2.21, seen in a gdb stack: `~RootDataset::Iterator` waits on
+    `Model::OptimizeLoop`). `fit` deletes one iterator an epoch, so each epoch waited until
+    the next 10 ms x (2^k - 1) mark: gan's 45 s epochs took 82 s, the old gan recipe's 85 s
+    epochs 142 s, and short epochs waited up to 1 s. Without it, parameters left to AUTOTUNE
+    take fixed values (parallel calls: the cores; prefetch: a buffer that grows as needed),
+    which ran as fast here.
+    """
+    if not isinstance(dataset, tf.data.Dataset):  # None (no validation data) or arrays
+        return dataset
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
+def array_data_without_autotune() -> None:
+    """Make the tf.data set Keras builds from arrays skip the autotuner (see
+    `without_autotune_thread`).
+
+    `model.predict(x)` on arrays makes one iterator a call and deletes it at the end, so each
+    call waited until the autotuner's next round: cnn's predict of 1,700 images took 1.30-1.32 s
+    in 4 of 6 calls as Keras ships it, 0.70-0.82 s in all 6 with this (`python
+    benchmarks/engine_costs.py autotune --data DIR --rounds 2 --epochs 3`). dlcli's own array
+    calls (gan's KID after each epoch, the autoencoder's and finetune's evaluation, caption's
+    image features) all go through here.
+
+    Example:
+        >>> import numpy as np
+        >>> array_data_without_autotune()
+        >>> from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+        >>> ArrayDataAdapter(np.zeros((4, 2))).get_tf_dataset().options().autotune.enabled
+        False
+    """
+    from keras.src.trainers.data_adapters import array_data_adapter
+
+    adapter = array_data_adapter.ArrayDataAdapter
+    if getattr(adapter.get_tf_dataset, "dlcli_patched", False):
+        return
+    original = adapter.get_tf_dataset
+
+    def get_tf_dataset(self):
+        return without_autotune_thread(original(self))
+
+    get_tf_dataset.dlcli_patched = True
+    get_tf_dataset.original = original
+    adapter.get_tf_dataset = get_tf_dataset

@@ -1,7 +1,9 @@
 """Import heavy libraries on first use, so `dlcli --help` never pays for TensorFlow.
 
 Task modules write `keras = lazy_import("keras")` at the top and then use `keras`
-as usual; the real import happens at the first attribute access.
+as usual; the real import happens at the first attribute access. That first access also
+installs the process-wide Keras workarounds (`keras_workarounds`), so every Keras call dlcli
+makes has them.
 
 Example:
     >>> np_ = lazy_import("numpy")
@@ -18,12 +20,27 @@ import types
 _TENSORFLOW = ("tensorflow", "keras", "tensorflow_datasets")
 
 
+_keras_ready = False
+
+
 class _LazyModule(types.ModuleType):
     def __getattr__(self, attr):
         if self.__name__ in _TENSORFLOW and "tensorflow" not in sys.modules:
             import_tensorflow_quietly()
         module = importlib.import_module(self.__name__)
+        if self.__name__ == "keras" and not _keras_ready:
+            _prepare_keras()
         return getattr(module, attr)
+
+
+def _prepare_keras() -> None:
+    """At dlcli's first use of Keras in a process: the workarounds that apply process-wide
+    (Keras's data sets of arrays without tf.data's autotuner; see `keras_workarounds`)."""
+    global _keras_ready
+    _keras_ready = True
+    from dlcli.keras_workarounds import array_data_without_autotune
+
+    array_data_without_autotune()
 
 
 def lazy_import(name: str) -> types.ModuleType:

@@ -26,7 +26,7 @@ from dlcli.cluster import ClusterWait, strategy_scope  # noqa: F401
 from dlcli.contract import check_model_name
 from dlcli.errors import RunError
 from dlcli.interrupts import StopOnSignal
-from dlcli.keras_workarounds import build_before_fit
+from dlcli.keras_workarounds import build_before_fit, without_autotune_thread  # noqa: F401
 from dlcli.lazy import lazy_import
 from dlcli.precision import PRECISIONS, precision  # noqa: F401
 from dlcli.runs import link_or_copy
@@ -62,25 +62,6 @@ def array_epochs(x, y, batch_size: int, seed: int | None):
         return gather.prefetch(tf.data.AUTOTUNE)
 
     return train_data, -(-len(x) // batch_size)
-
-
-def without_autotune_thread(dataset):
-    """The data set with tf.data's autotuner off, so that deleting its iterator is instant.
-
-    The autotuner runs a thread beside each iterator that sleeps between rounds, 10 ms at
-    first and twice as long each round, up to a minute, and deleting the iterator waits for
-    that sleep to end (TensorFlow 2.21, seen in a gdb stack: `~RootDataset::Iterator` waits on
-    `Model::OptimizeLoop`). `fit` deletes one iterator an epoch, so each epoch waited until
-    the next 10 ms x (2^k - 1) mark: gan's 45 s epochs took 82 s, the old gan recipe's 85 s
-    epochs 142 s, and short epochs waited up to 1 s. Without it, parameters left to AUTOTUNE
-    take fixed values (parallel calls: the cores; prefetch: a buffer that grows as needed),
-    which ran as fast here.
-    """
-    if not isinstance(dataset, tf.data.Dataset):  # None (no validation data) or arrays
-        return dataset
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return dataset.with_options(options)
 
 
 def decay_per_epoch(lr: float, decay: float):

@@ -73,3 +73,40 @@ def _two_workers(mode: str, tmp_path: Path) -> list[str]:
 def test_keras_20585_is_still_there_without_the_workaround(tmp_path):
     """If this fails, Keras fits two workers by itself: remove `build_before_fit`."""
     assert _two_workers("without", tmp_path) == ["RESULT failed ValueError"] * 2
+
+
+ARRAY_DATA = """
+import numpy as np
+from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+before = ArrayDataAdapter(np.zeros((4, 2))).get_tf_dataset().options().autotune.enabled
+from dlcli import training  # noqa: E402  (dlcli's first use of Keras installs the workaround)
+
+model = training.keras.Sequential([training.keras.Input((2,)), training.keras.layers.Dense(3)])
+after = ArrayDataAdapter(np.zeros((4, 2))).get_tf_dataset().options().autotune.enabled
+x = np.arange(10, dtype="float32").reshape(5, 2)
+same = bool(np.allclose(model.predict(x, batch_size=2, verbose=0), model(x).numpy(), atol=1e-6))
+print("RESULT", before, after, same)
+"""
+
+
+def test_dlcli_first_keras_use_turns_the_autotuner_off_for_keras_array_data():
+    """A fresh process: Keras's own data set of arrays keeps tf.data's autotuner until dlcli
+    first touches Keras, and skips it after, with `predict` giving the same rows."""
+    out = subprocess.run([sys.executable, "-c", ARRAY_DATA], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert "RESULT None False True" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.upstream
+def test_keras_array_data_still_keeps_the_autotuner():
+    """If this fails, Keras's data sets of arrays skip the autotuner by themselves: remove
+    `array_data_without_autotune`."""
+    import numpy as np
+
+    from dlcli.keras_workarounds import array_data_without_autotune
+
+    array_data_without_autotune()
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    original = ArrayDataAdapter.get_tf_dataset.original
+    assert original(ArrayDataAdapter(np.zeros((4, 2)))).options().autotune.enabled is not False
