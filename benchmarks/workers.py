@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from dlcli import config as config_lib  # noqa: E402
+from dlcli.keras_workarounds import without_autotune_thread  # noqa: E402
 from dlcli.tasks import Context, get_task  # noqa: E402
 
 
@@ -123,7 +124,7 @@ def gan_script(cfg: dict) -> dict:
 
         callbacks.append(KID())
     clock = Clock()
-    model.fit(real, epochs=cfg["epochs"], verbose=0, callbacks=[*callbacks, clock])
+    model.fit(without_autotune_thread(real), epochs=cfg["epochs"], verbose=0, callbacks=[*callbacks, clock])
     # one step = one generator step over `batch` real faces; the remainder is dropped
     return {"examples": (len(x_train) // batch) * batch, "epoch_ends": clock.ends}
 
@@ -166,8 +167,9 @@ def finetune_script(cfg: dict) -> dict:
     shuffled = indexed.shuffle(len(images), seed=cfg["seed"])  # reshuffled each epoch
     crops = finetune.augmented(cfg, shuffled, 0, cfg["seed"] or 0) if cfg["augment"] else shuffled.map(lambda i, x, y: (x, y))
     clock = Clock()
-    model.fit(finetune.batches(cfg, crops, n_classes), initial_epoch=head_epochs, epochs=cfg["epochs"],
-              validation_data=finetune.batches(cfg, val_ds, n_classes), verbose=0,
+    model.fit(without_autotune_thread(finetune.batches(cfg, crops, n_classes)), initial_epoch=head_epochs,
+              epochs=cfg["epochs"], validation_data=without_autotune_thread(finetune.batches(cfg, val_ds, n_classes)),
+              verbose=0,
               callbacks=[finetune.cosine_schedule(cfg), clock])
     return {"examples": int(len(images)), "epoch_ends": clock.ends}
 

@@ -333,9 +333,11 @@ def to_input(image: np.ndarray) -> np.ndarray:
 
 def _finish(ctx: Context, model, classes: list[str], paths: list[str], images: list[np.ndarray]) -> list[dict]:
     x = np.stack(images)
-    probs = model(x)
-    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it
-        probs = (probs + model(np.ascontiguousarray(x[:, :, ::-1]))) / 2
+    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it, in one call (one larger batch runs faster than two)
+        both = model(np.concatenate([x, x[:, :, ::-1]]))
+        probs = (both[: len(x)] + both[len(x):]) / 2
+    else:
+        probs = model(x)
     return ranked_rows(paths, probs, classes, ctx.options["top_k"])
 
 
