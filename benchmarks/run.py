@@ -197,6 +197,10 @@ def bench_predict(task, model: Path, images: list[str], tmp: Path, repeats: int,
     ref_args = ["--model", str(model), "--images", str(listing), "--spec", json.dumps(spec or {})]
     ref = worker("predict-ref", task, *ref_args, "--repeats", "2" if task == "finetune" else "5").check("predict-ref").json()
     ref_rate = ref["images"] / median(ref["seconds"])
+    decode_rate = ref["images"] / median(ref["decode_seconds"])
+    row("predict", task, f"reading and decoding the {len(images)} files alone (Pillow, one thread, no model)", decode_rate,
+        "img/s", ref_rate, "model.predict in memory", decode_rate / ref_rate,
+        note="the part of predict the in-memory reference leaves out; median of 3 (finetune: 1)")
     cli_repeats = "1" if task == "finetune" else str(max(2, repeats))
     for engine, label in (("lite", "export, LiteRT"), ("keras", "Keras")):
         cli = worker("predict-cli", task, *ref_args, "--engine", engine, "--repeats", cli_repeats).check("predict-cli").json()
