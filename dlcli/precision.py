@@ -31,8 +31,8 @@ def cpu_has_amx() -> bool:
 @contextlib.contextmanager
 def precision(name: str):
     """Build layers under a Keras dtype policy (`auto`: mixed_bfloat16 on a CPU-only machine
-    whose CPU has AMX, float32 elsewhere). The policy is saved with each
-    layer, so a loaded model computes as it was trained; the global policy is restored."""
+    whose CPU has AMX, float32 elsewhere). The policy is saved with each layer, so a loaded
+    model computes as it was trained; the global policy is restored."""
     if name == "auto":
         name = "mixed_bfloat16" if not tf.config.list_physical_devices("GPU") and cpu_has_amx() else "float32"
     before = keras.config.dtype_policy()

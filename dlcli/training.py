@@ -26,7 +26,7 @@ from dlcli.cluster import ClusterWait, strategy_scope  # noqa: F401
 from dlcli.contract import check_model_name
 from dlcli.errors import RunError
 from dlcli.interrupts import StopOnSignal
-from dlcli.keras_workarounds import build_before_fit, without_autotune_thread  # noqa: F401
+from dlcli.keras_workarounds import build_before_fit, without_autotune_thread
 from dlcli.lazy import lazy_import
 from dlcli.precision import PRECISIONS, precision  # noqa: F401
 from dlcli.runs import link_or_copy

@@ -333,7 +333,7 @@ def to_input(image: np.ndarray) -> np.ndarray:
 
 def _finish(ctx: Context, model, classes: list[str], paths: list[str], images: list[np.ndarray]) -> list[dict]:
     x = np.stack(images)
-    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it, in one call (one larger batch runs faster than two)
+    if ctx.cfg["tta"]:  # the image and its mirror image, as eval scores it; one call of both runs faster than two
         both = model(np.concatenate([x, x[:, :, ::-1]]))
         probs = (both[: len(x)] + both[len(x):]) / 2
     else:
