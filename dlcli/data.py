@@ -26,6 +26,20 @@ from dlcli.lazy import lazy_import
 tf = lazy_import("tensorflow")
 tfds = lazy_import("tensorflow_datasets")
 
+def unit_float(pixels: np.ndarray, minus: float = 0.0) -> np.ndarray:
+    """uint8 pixels -> float32 pixels / 255 - `minus`, computed in place in one new array.
+
+    `x.astype("float32") / 255.0` makes a second array as large as the first, and touching
+    fresh memory that size cost up to 0.5 s for mnist's 48,000 training digits (150 MB); the
+    values are the same to the bit.
+    """
+    out = pixels.astype(np.float32)
+    out /= np.float32(255.0)
+    if minus:
+        out -= np.float32(minus)
+    return out
+
+
 KINDS = ("tfds", "folder", "npz", "text", "captions")
 # Where tensorflow-datasets fetches from; DLCLI_NETWORK_PROBE=host:port overrides it.
 NETWORK_PROBE = "storage.googleapis.com:443"

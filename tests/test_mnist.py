@@ -190,3 +190,15 @@ def test_a_checkpoint_of_another_task_is_named(trained, cli, tmp_path):
     assert "holds a linear model, not a mnist model" in result.stderr
     result = cli("predict", "linear", "1,1", "--run", "tiny", "--checkpoint", cli.root / "mnist" / "tiny" / "model.keras", expect=2)
     assert "holds a mnist model, not a linear model" in result.stderr
+
+
+def test_unit_float_is_the_naive_scaling_to_the_bit_in_float32():
+    """The in-place scaling every image task uses gives exactly `x.astype(float32) / 255 - m`."""
+    from dlcli import data
+
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for minus in (0.0, 0.5):
+        got = data.unit_float(x, minus=minus)
+        assert got.dtype == np.float32
+        assert np.array_equal(got, x.astype("float32") / 255.0 - minus)
+    assert data.unit_float(x).max() == 1.0 and data.unit_float(x, minus=0.5).min() == -0.5

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import data as data_lib
 from dlcli import faces, training
 from dlcli.errors import UsageError
 from dlcli.images import in_input_order, read_many
@@ -45,7 +46,7 @@ PNG_SCALE = 4  # written reconstructions and strips are enlarged so a 32x32 face
 
 def scale(x: np.ndarray) -> np.ndarray:
     """uint8 pixels -> the course's scale, centred on zero."""
-    return x.astype("float32") / 255.0 - 0.5
+    return data_lib.unit_float(x, minus=0.5)
 
 
 def unscale(x: np.ndarray) -> np.ndarray:

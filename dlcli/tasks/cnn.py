@@ -125,7 +125,7 @@ def other_eval_split(cfg: dict, classes: list[str]) -> tuple[np.ndarray, np.ndar
 def scale(x):
     """uint8 pixels -> the course's input scale, x / 255 - 0.5 (NumPy or tensors)."""
     if isinstance(x, np.ndarray):
-        return x.astype(np.float32) / 255.0 - 0.5
+        return data_lib.unit_float(x, minus=0.5)
     return tf.cast(x, tf.float32) / 255.0 - 0.5
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import data as data_lib
 from dlcli import faces, image_distance, training
 from dlcli.errors import UsageError
 from dlcli.lazy import lazy_import
@@ -477,7 +478,7 @@ class GanCheckpoint(training.CheckpointState):
 
 
 def scale(x: np.ndarray) -> np.ndarray:
-    return x.astype("float32") / 255.0
+    return data_lib.unit_float(x)
 
 
 def train(ctx: Context) -> dict:

@@ -92,7 +92,7 @@ def load_arrays(cfg: dict) -> dict:
 
 
 def scale(x: np.ndarray) -> np.ndarray:
-    return x.astype("float32") / 255.0
+    return data_lib.unit_float(x)
 
 
 def split_validation(arrays: dict, val_size: int):
