@@ -223,11 +223,11 @@ def precision(args) -> None:
     import tensorflow as tf
 
     from dlcli import config as config_lib
-    from dlcli.precision import cpu_has_amx
+    from dlcli.precision import cpu_flags, cpu_has_amx
     from dlcli.tasks import cnn, gan, get_task
 
     print(f"AMX: {cpu_has_amx()}; bfloat16 instructions (avx512_bf16): "
-          f"{' avx512_bf16' in Path('/proc/cpuinfo').read_text()}")
+          f"{'avx512_bf16' in cpu_flags()}")
     rng = np.random.default_rng(0)
     policies = ("float32", "mixed_bfloat16")
     gan_cfg = config_lib.resolve(get_task("gan").defaults, flags={}, choices=get_task("gan").choices)

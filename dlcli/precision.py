@@ -13,6 +13,15 @@ tf = lazy_import("tensorflow")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
+def cpu_flags() -> set[str]:
+    """The x86 CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return {flag for line in fh if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
 def cpu_has_amx() -> bool:
     """Whether this x86 CPU has AMX tiles for bfloat16 (what makes bfloat16 pay on a CPU).
 
@@ -20,12 +29,7 @@ def cpu_has_amx() -> bool:
     gan's training at 100-138 faces/s against 200-232 in float32, cnn's at 397-420 ex/s
     against 397-655 and its predict at 792-1,485 img/s against 1,547-2,196
     (`python benchmarks/engine_costs.py precision`, four interleaved rounds)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags
+    return "amx_bf16" in cpu_flags()
 
 
 @contextlib.contextmanager
