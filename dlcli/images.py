@@ -12,11 +12,57 @@ import numpy as np
 from dlcli.errors import UsageError
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # colour type -> mode, 8 bits a sample
+# Chunks whose presence changes the pixels Pillow gives (a palette, a transparent colour):
+# such files take Pillow's whole path.
+_PNG_PIXEL_CHUNKS = (b"PLTE", b"tRNS")
+
+
+def _plain_png(data: bytes):
+    """A non-interlaced 8-bit grey/RGB(A) PNG decoded by Pillow's own PNG (zip) decoder, without
+    `Image.open`'s format detection and chunk parsing in Python, which cost two thirds of a
+    small file's time (a 28x28 digit: 24 us instead of 56). None where the file is anything
+    else (or broken: the caller's Pillow path then gives Pillow's answer and its error). The
+    checks Pillow makes stay: every chunk's CRC but the pixel data's, the pixel-count limit."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, pixels, header = 8, [], None
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8: pos + 8 + length]
+        if len(body) < length:
+            return None
+        if kind == b"IDAT":
+            pixels.append(body)
+        else:
+            if struct.unpack_from(">I", data, pos + 8 + length)[0] != zlib.crc32(kind + body) or kind in _PNG_PIXEL_CHUNKS:
+                return None
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", body) if length == 13 else None
+            elif kind == b"IEND":
+                break
+        pos += 12 + length
+    if header is None or not pixels:
+        return None
+    width, height, depth, colour, _, _, interlaced = header
+    if depth != 8 or interlaced or colour not in _PNG_MODES or not 0 < width * height <= Image.MAX_IMAGE_PIXELS:
+        return None
+    try:
+        return Image.frombytes(_PNG_MODES[colour], (width, height), b"".join(pixels), "zip", _PNG_MODES[colour])
+    except (ValueError, OSError):
+        return None
+
+
 def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     """The image as a uint8 array (H, W, 3) for RGB or (H, W) for "L"."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     try:  # open first and ask why only when it fails: one system call per good file, not four
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -26,15 +72,21 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read image ({exc.strerror or exc})") from None
     try:
-        with fh, Image.open(fh) as img:
-            img.load()
+        with fh:
+            head = fh.read(8)
+            img = _plain_png(head + fh.read()) if head == _PNG_SIGNATURE else None
+            if img is None:
+                fh.seek(0)
+                img = Image.open(fh)
+                img.load()
+        with img:
             if img.mode in ("RGBA", "LA", "P") and mode == "RGB":
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             return np.asarray(img if img.mode == mode else img.convert(mode))
     except UnidentifiedImageError:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             raise UsageError(f"{path}: empty file") from None
         raise UsageError(f"{path}: not an image (or an unsupported format)") from None
     except Image.DecompressionBombError:
@@ -74,9 +126,11 @@ def ranked_rows(paths: list[str], probs: np.ndarray, classes: list[str], k: int,
     """One row per image: its best class and probability, and the k best where k > 1."""
     k = max(1, min(k, len(classes)))
     rows = []
-    order = np.argsort(-np.asarray(probs), axis=1, kind="stable")[:, :k]  # one sort for the batch
-    for path, p, top in zip(paths, probs, order):
-        ranked = [{key: classes[i], "probability": round(float(p[i]), 4)} for i in top]
+    probs = np.asarray(probs)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # one sort for the batch
+    best = np.take_along_axis(probs, order, axis=1).astype(np.float64).tolist()  # Python floats, at once
+    for path, p, top in zip(paths, best, order.tolist()):
+        ranked = [{key: classes[i], "probability": round(q, 4)} for i, q in zip(top, p)]
         row = {"input": path, **ranked[0]}
         if k > 1:
             row["top"] = ranked

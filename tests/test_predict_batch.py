@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,101 @@ def test_keras_model_pads_a_short_last_batch_and_traces_once():
     assert short.shape == (5, 3)
     np.testing.assert_allclose(np.concatenate([full, short]), model(x).numpy(), atol=1e-6)
     assert model.predict_function.experimental_get_tracing_count() == 1
+
+
+# -- reading and preparing inputs ---------------------------------------------------------
+
+
+def _pillow_read(path, mode):
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "P") and mode == "RGB":
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+        return np.asarray(img if img.mode == mode else img.convert(mode))
+
+
+def test_plain_pngs_read_by_the_short_path_give_pillows_pixels(tmp_path):
+    """Each PNG kind, the short path's and the ones it leaves to Pillow, read as Pillow reads it."""
+    from dlcli.images import _plain_png, read_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (23, 31, 4), dtype=np.uint8)
+    pixels[:, :, :3] = np.where(rng.random((23, 31, 1)) < 0.5, pixels[:, :, :3], 40)  # runs, so every filter type occurs
+    kinds = {"L": pixels[:, :, 0], "RGB": pixels[:, :, :3], "LA": pixels[:, :, :2], "RGBA": pixels}
+    saved = {}
+    for mode, array in kinds.items():
+        saved[mode] = tmp_path / f"{mode}.png"
+        Image.fromarray(array, mode).save(saved[mode])
+    Image.fromarray(pixels[:, :, :3]).quantize(16).save(tmp_path / "P.png")  # palette: Pillow's path
+    Image.fromarray(pixels[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    Image.fromarray(pixels[:, :, :3]).save(tmp_path / "trns.png", transparency=(40, 40, 40))
+    for mode in kinds:
+        assert _plain_png(saved[mode].read_bytes()) is not None, mode  # taken by the short path
+    for name in ("P", "trns"):
+        assert _plain_png((tmp_path / f"{name}.png").read_bytes()) is None, name
+    header = bytearray(saved["L"].read_bytes())
+    header[28] = 1  # interlaced (Adam7), which Pillow does not write: the short path refuses it
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    assert _plain_png(bytes(header)) is None
+    for path in sorted(tmp_path.glob("*.png")):
+        for mode in ("L", "RGB"):
+            if path.stem == "16bit" and mode == "RGB":
+                continue  # Pillow itself cannot convert I;16 to RGB
+            assert np.array_equal(read_image(path, mode=mode), _pillow_read(path, mode)), (path.name, mode)
+
+
+def test_broken_pngs_get_pillows_error(tmp_path):
+    """A bad checksum or cut pixel data: the short path steps aside and Pillow's error is the line."""
+    from dlcli.errors import UsageError
+    from dlcli.images import _plain_png, read_image
+
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) * 7).save(tmp_path / "good.png")
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "crc.png").write_bytes(data[:29] + bytes([data[29] ^ 1]) + data[30:])  # IHDR's checksum
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert _plain_png(data) is not None
+    for name, error in (("crc", "not an image"), ("cut", "cannot read image")):
+        assert _plain_png((tmp_path / f"{name}.png").read_bytes()) is None
+        with pytest.raises(UsageError, match=rf"{name}.png: {error}"):
+            read_image(tmp_path / f"{name}.png", mode="L")
+
+
+def test_quick_inputs_are_prepared_in_the_main_thread_slow_ones_in_threads():
+    """Handing a 24 us decode to a thread costs more than it; a slow one runs ahead in threads."""
+    import threading
+    import time
+
+    from dlcli.batchpredict import stream
+
+    def run(seconds):
+        where = {}
+
+        def prepare(path):
+            if seconds:
+                time.sleep(seconds)
+            where[path] = threading.current_thread() is threading.main_thread()
+            return path
+
+        rows = list(stream([f"f{i}" for i in range(40)], prepare, lambda paths, xs: [{"input": p} for p in paths], 8,
+                           threads_from=0.001))  # a wide margin for a loaded test machine
+        assert [r["input"] for r in rows] == [f"f{i}" for i in range(40)]
+        return where
+
+    quick = run(0)
+    assert all(quick.values())
+    slow = run(0.005)
+    assert all(slow[f"f{i}"] for i in range(8))  # the first batch tells how long one takes
+    assert not any(slow[f"f{i}"] for i in range(8, 40))  # those queued meanwhile go to the threads too
+
+
+def test_only_paths_on_stdin_get_a_feeder_thread(tmp_path):
+    """Files, folders and globs are read in the main thread as batches are taken (a thread
+    reading ahead only slowed 1,000 small files by its system calls); stdin may wait for input."""
+    import io
+
+    from dlcli.batchpredict import expand
+
+    files = [str(p) for p in digit_files(tmp_path / "d", 3)]
+    assert not expand([files[0], str(tmp_path / "d"), str(tmp_path / "d" / "*.png")]).live
+    stdin = expand([files[0], "-"], stdin=io.StringIO(f"{files[1]}\n{files[2]}\n"))
+    assert stdin.live and list(stdin) == files
