@@ -98,6 +98,14 @@ def determinism(args) -> None:
               f"without: ratio {statistics.median(on) / statistics.median(off):.2f}")
 
 
+def _mnist_epochs(cfg: dict):
+    """dlcli's mnist training data: the uint8 digits, scaled batch by batch (`mnist.training_epochs`)."""
+    from dlcli.tasks import mnist
+
+    (xt, yt), _ = mnist.split_validation(mnist.load_arrays(cfg), cfg["val_size"])
+    return mnist.training_epochs(xt, yt, cfg)
+
+
 def loop(args) -> None:
     spec = _data_spec("mnist", args.data)
     from benchmarks import workers  # imports TensorFlow
@@ -109,7 +117,7 @@ def loop(args) -> None:
     training.set_seed(cfg["seed"])  # both sides run with deterministic kernels
     (xt, yt), (xv, yv), build = workers.arrays("mnist", cfg)  # what dlcli train and the suite's reference use
     batch, epochs = cfg["batch_size"], args.epochs
-    train_data, steps = training.array_epochs(xt, yt, batch, cfg["seed"])
+    train_data, steps = _mnist_epochs(cfg)
     val_ds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(1024).cache()
     logs = tempfile.mkdtemp(prefix="engine-costs-")
 
@@ -162,8 +170,8 @@ def autotune(args) -> None:
     from dlcli import training
 
     cfg = workers.task_cfg("mnist", spec)
-    (xt, yt), _, build = workers.arrays("mnist", cfg)
-    train_data, steps = training.array_epochs(xt, yt, cfg["batch_size"], cfg["seed"])
+    _, _, build = workers.arrays("mnist", cfg)
+    train_data, steps = _mnist_epochs(cfg)
 
     class LastStep(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):

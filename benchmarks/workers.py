@@ -237,7 +237,7 @@ def pipeline(args, spec):
     if args.task == "mnist":
         a = mod.load_arrays(cfg)
         (xt, yt), _ = mod.split_validation(a, cfg["val_size"])
-        train_data, _ = training.array_epochs(mod.scale(xt), yt, cfg["batch_size"], cfg["seed"])
+        train_data, _ = mod.training_epochs(xt, yt, cfg)
     elif args.task == "names":
         tr, va = mod.split_lines(mod.load_lines(cfg), cfg["val_fraction"], cfg["seed"])
         vocab = mod.Vocab(sorted(set("".join(tr + va))), max(map(len, tr)))

@@ -45,21 +45,26 @@ def keras_defaults() -> dict:
     return {"jit_compile": False, "save_every_steps": 0, "strategy": "default"}
 
 
-def array_epochs(x, y, batch_size: int, seed: int | None):
+def array_epochs(x, y, batch_size: int, seed: int | None, x_map=None):
     """Training data from in-memory arrays, as `fit` wants it: (train_data(epoch), steps).
 
     Each epoch draws a permutation from (seed, epoch) and gathers whole batches from the
-    arrays, which costs far less per step than shuffling examples one at a time.
+    arrays, which costs far less per step than shuffling examples one at a time. `x_map`
+    turns each gathered batch of x into the model's input (uint8 pixels into floats): the
+    arrays stay as small as they came, and a copy four times their size, touched for the
+    first time, costs more than the whole epoch's casts (mnist: 0.8 s against 0.05).
     """
     import numpy as np
 
     xs, ys = tf.constant(x), tf.constant(y)
 
+    def batch(i):
+        return (x_map(tf.gather(xs, i)) if x_map else tf.gather(xs, i)), tf.gather(ys, i)
+
     def train_data(epoch: int):
         order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(x))
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-        gather = batches.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)), num_parallel_calls=tf.data.AUTOTUNE)
-        return gather.prefetch(tf.data.AUTOTUNE)
+        return batches.map(batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     return train_data, -(-len(x) // batch_size)
 

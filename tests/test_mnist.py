@@ -202,3 +202,23 @@ def test_unit_float_is_the_naive_scaling_to_the_bit_in_float32():
         assert got.dtype == np.float32
         assert np.array_equal(got, x.astype("float32") / 255.0 - minus)
     assert data.unit_float(x).max() == 1.0 and data.unit_float(x, minus=0.5).min() == -0.5
+
+
+def test_training_batches_scale_in_the_pipeline_to_the_same_bits():
+    """mnist trains on uint8 digits scaled batch by batch: the batches are, bit for bit, those
+    of the arrays scaled beforehand (as evaluation and the plain-Keras reference scale them)."""
+    from dlcli import training
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.arange(256, dtype=np.uint8).repeat(49).reshape(-1, 28, 28),
+                        rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)])
+    y = rng.integers(0, 10, len(x))
+    cfg = {"batch_size": 32, "seed": 3}
+    in_pipeline, steps = mnist.training_epochs(x, y, cfg)
+    beforehand, _ = training.array_epochs(mnist.scale(x), y, 32, 3)
+    assert steps == -(-len(x) // 32)
+    for epoch in (0, 1):
+        for (xa, ya), (xb, yb) in zip(in_pipeline(epoch), beforehand(epoch), strict=True):
+            assert xa.dtype == xb.dtype == "float32"
+            assert np.array_equal(xa.numpy().view(np.uint32), xb.numpy().view(np.uint32))
+            assert np.array_equal(ya, yb)

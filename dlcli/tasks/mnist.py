@@ -95,6 +95,16 @@ def scale(x: np.ndarray) -> np.ndarray:
     return data_lib.unit_float(x)
 
 
+def scale_batch(x):
+    """`scale` in TensorFlow, for a batch inside the input pipeline: the same floats to the bit."""
+    return tf.cast(x, tf.float32) / 255.0
+
+
+def training_epochs(x_train: np.ndarray, y_train: np.ndarray, cfg: dict):
+    """(train_data(epoch), steps): the uint8 digits, shuffled per epoch, scaled batch by batch."""
+    return training.array_epochs(x_train, y_train, cfg["batch_size"], cfg["seed"], x_map=scale_batch)
+
+
 def split_validation(arrays: dict, val_size: int):
     x, y = arrays["x_train"], arrays["y_train"]
     val_size = min(val_size, len(x) // 5)
@@ -142,8 +152,8 @@ def train(ctx: Context) -> dict:
     arrays = load_arrays(cfg)
     (x_train, y_train), (x_val, y_val) = split_validation(arrays, cfg["val_size"])
     atomic_write_json(ctx.run.path("classes.json"), arrays["classes"])
-    x_train, x_val = scale(x_train), scale(x_val)
-    train_data, steps = training.array_epochs(x_train, y_train, cfg["batch_size"], cfg["seed"])
+    train_data, steps = training_epochs(x_train, y_train, cfg)
+    x_val = scale(x_val)
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(1024).cache()
     model, history = training.fit(
         ctx,
