@@ -255,12 +255,21 @@ def stream(items: Iterable[str | dict], prepare: Callable[[str], Any],
     it between threads costs (2 cores, 1,000 MNIST files: 59 ms in the main thread, 75 ms
     with one decoding thread, 83-94 ms with two), while 32x32 JPEGs (125 us) and photos
     gain. So the first batch is prepared in the main thread, and the inputs after it (those
-    queued too) go to the threads once preparing one took `threads_from` seconds (the median).
+    queued too, while the model runs on the first batch) go to the threads once preparing one
+    took `threads_from` seconds (the median).
     """
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
         make = _MakeEntry(prepare, pool)
         live = getattr(items, "live", not isinstance(items, (list, tuple)))  # an unknown iterator may wait
         entries = (_FedEntries if live else _Entries)(items, make, (ahead + 1) * batch_size)
+
+        def decide(seconds: list[float]) -> None:
+            """After a batch is prepared, before its model call: threads from now on?"""
+            if not make.in_threads and seconds and sorted(seconds)[len(seconds) // 2] > threads_from:
+                make.in_threads = True
+                for _, later in entries.queued():  # and those queued already, while the model runs
+                    if isinstance(later, _Later):
+                        later.send(pool)
         try:
             while True:
                 chunk = entries.take(batch_size, wait)
@@ -268,13 +277,7 @@ def stream(items: Iterable[str | dict], prepare: Callable[[str], Any],
                     if entries.exhausted:
                         break
                     continue
-                seconds: list[float] = []  # preparing each input of the chunk in this thread
-                yield from _rows(chunk, finish, seconds)
-                if not make.in_threads and seconds and sorted(seconds)[len(seconds) // 2] > threads_from:
-                    make.in_threads = True
-                    for _, later in entries.queued():
-                        if isinstance(later, _Later):
-                            later.send(pool)
+                yield from _rows(chunk, finish, decide)
         finally:
             entries.close()
             for _, future in entries.queued():
@@ -283,12 +286,13 @@ def stream(items: Iterable[str | dict], prepare: Callable[[str], Any],
                     future.cancel()
 
 
-def _rows(chunk: list, finish, seconds: list[float]) -> Iterator[dict]:
-    """The chunk's rows in order; `seconds` gets the time of each input prepared in this thread."""
+def _rows(chunk: list, finish, prepared: Callable[[list[float]], None]) -> Iterator[dict]:
+    """The chunk's rows in order; `prepared` hears, before `finish`, the seconds each input
+    prepared in this thread took."""
     futures = [f.future if isinstance(f, _Later) else f for _, f in chunk]
     wait([f for f in futures if isinstance(f, Future)])  # one wake-up for the batch, not one a file
     done = [(x, None if future is None else future.result()) for x, future in chunk]
-    seconds.extend(result[2] for (_, future), (_, result) in zip(chunk, done) if isinstance(future, _Later) and not future.future)
+    prepared([result[2] for (_, future), (_, result) in zip(chunk, done) if isinstance(future, _Later) and not future.future])
     good = [(x, result[0]) for x, result in done if result is not None and result[1] is None]
     rows = iter(finish([x for x, _ in good], [p for _, p in good]) if good else [])
     for x, result in done:
