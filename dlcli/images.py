@@ -14,9 +14,9 @@ from dlcli.errors import UsageError
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # colour type -> mode, 8 bits a sample
-# Chunks whose presence changes the pixels Pillow gives (a palette, a transparent colour):
-# such files take Pillow's whole path.
-_PNG_PIXEL_CHUNKS = (b"PLTE", b"tRNS")
+# Chunks whose presence changes the pixels Pillow gives (a palette, a transparent colour, an
+# animation): such files take Pillow's whole path.
+_PNG_PIXEL_CHUNKS = (b"PLTE", b"tRNS", b"acTL")
 
 
 def _plain_png(data: bytes):
@@ -35,9 +35,9 @@ def _plain_png(data: bytes):
     pos, pixels, header = 8, [], None
     while pos + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8: pos + 8 + length]
-        if len(body) < length:
+        if pos + 12 + length > len(data):  # cut short: Pillow says how
             return None
+        body = data[pos + 8: pos + 8 + length]
         if kind == b"IDAT":
             pixels.append(body)
         else:
@@ -55,7 +55,7 @@ def _plain_png(data: bytes):
         return None
     try:
         return Image.frombytes(_PNG_MODES[colour], (width, height), b"".join(pixels), "zip", _PNG_MODES[colour])
-    except (ValueError, OSError):
+    except Exception:  # noqa: BLE001 - whatever it is, Pillow's whole path reads the file again and names it
         return None
 
 

@@ -327,7 +327,7 @@ def test_plain_pngs_read_by_the_short_path_give_pillows_pixels(tmp_path):
 
 
 def test_broken_pngs_get_pillows_error(tmp_path):
-    """A bad checksum or cut pixel data: the short path steps aside and Pillow's error is the line."""
+    """A bad checksum or cut data: the short path steps aside and Pillow's answer (its error) stands."""
     from dlcli.errors import UsageError
     from dlcli.images import _plain_png, read_image
 
@@ -335,7 +335,10 @@ def test_broken_pngs_get_pillows_error(tmp_path):
     data = (tmp_path / "good.png").read_bytes()
     (tmp_path / "crc.png").write_bytes(data[:29] + bytes([data[29] ^ 1]) + data[30:])  # IHDR's checksum
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "nocrc.png").write_bytes(data[: len(data) - 14])  # the pixel data's checksum cut
     assert _plain_png(data) is not None
+    assert _plain_png((tmp_path / "nocrc.png").read_bytes()) is None  # Pillow reads it, and so do we
+    assert np.array_equal(read_image(tmp_path / "nocrc.png", mode="L"), _pillow_read(tmp_path / "nocrc.png", "L"))
     for name, error in (("crc", "not an image"), ("cut", "cannot read image")):
         assert _plain_png((tmp_path / f"{name}.png").read_bytes()) is None
         with pytest.raises(UsageError, match=rf"{name}.png: {error}"):
