@@ -22,7 +22,7 @@ keras = lazy_import("keras")
 
 def load_model(path: Path, task: str | None = None, compile: bool = True):
     """Load a .keras file in safe mode, with a clear error for missing, corrupt or foreign files.
-    `compile=False` (what `predict` asks for) skips the optimizer, its state and the losses:
+    `compile=False` (what `predict` asks for, `lite.model_for`) skips the optimizer, its state and the losses:
     30 ms less for cnn.
 
     dlcli names every model `<task>_<variant>`, which is how a checkpoint of another task

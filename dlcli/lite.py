@@ -126,14 +126,20 @@ class KerasModel:
         return np.asarray(self.model.predict_on_batch(x))[:n]
 
 
-def model_for(ctx, task: str, load_keras: Callable[[], object]):
-    """The model `predict` runs for this context: the export where it is usable, else Keras.
+def model_for(ctx, task: str, load_keras: Callable[[], object] | None = None):
+    """The model `predict` runs for this context: the export where it is usable, else Keras
+    (`load_keras()`; by default the run's model without its optimizer, which predict never uses).
 
     `--checkpoint FILE.tflite` uses that export (refused, exit 2, if it is another task's or
     stale); otherwise the run's `export/model.tflite` is used when `--engine` is auto or lite
     and it passes `check_export`, and a refused one is named in one line. `auto` skips the
     export of a model that computes in mixed precision (cnn's bfloat16): the float32 export
     does not reproduce its probabilities to 1e-4, and on CPUs with bfloat16 Keras is faster."""
+    if load_keras is None:
+        def load_keras():
+            from dlcli.checkpoints import load_model
+
+            return load_model(ctx.model_path, task, compile=False)
     engine = ctx.options.get("engine", "auto")
     explicit = ctx.checkpoint is not None and Path(ctx.checkpoint).suffix == ".tflite"
     if explicit:

@@ -345,7 +345,7 @@ def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
     """Rows for every input, a batch at a time (files decoded and resized ahead in threads)."""
     if ctx.options["top_k"] < 1:
         raise UsageError(f"--top-k must be >= 1; got {ctx.options['top_k']}")
-    model = lite.model_for(ctx, "cnn", lambda: training.load_model(ctx.model_path, "cnn", compile=False))
+    model = lite.model_for(ctx, "cnn")
     classes = _classes(ctx)
     yield from stream(items, lambda p: to_input(read_image(p, mode="RGB")),
                       lambda paths, images: _finish(ctx, model, classes, paths, images), 128)

@@ -390,7 +390,7 @@ def _finish(ctx: Context, model, classes: list[str], paths: list[str], crops: li
 def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
     """Rows for every input, a batch at a time: files decoded, centre-cropped and resized ahead in
     threads (NumPy and Pillow, no TensorFlow) while the model runs on the batch before."""
-    model = lite.model_for(ctx, "finetune", lambda: training.load_model(ctx.model_path, "finetune", compile=False))
+    model = lite.model_for(ctx, "finetune")
     classes = _classes(ctx)
     size = ctx.cfg["image_size"]
     yield from stream(items, lambda p: backbones.centre_crop_numpy(read_image(p, mode="RGB"), size),

@@ -381,8 +381,9 @@ def _finish(ctx: Context, model, classes: list[str], paths: list[str], greys: li
 
 
 def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time (files decoded ahead in threads; see `batchpredict`)."""
-    model = lite.model_for(ctx, "mnist", lambda: training.load_model(ctx.model_path, "mnist", compile=False))
+    """Rows for every input, a batch at a time (small files decoded in this thread, larger ones
+    ahead in threads; see `batchpredict.stream`)."""
+    model = lite.model_for(ctx, "mnist")
     classes = _classes(ctx)
     yield from stream(items, _prepare, lambda paths, greys: _finish(ctx, model, classes, paths, greys), 256)
 
