@@ -7,6 +7,12 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
     python benchmarks/engine_costs.py determinism --data DIR
         Plain `model.fit` of mnist's and names' models in fresh processes, with and without
         `enable_op_determinism` (which exact resume needs), alternating: examples/s each.
+    python benchmarks/engine_costs.py cross-entropy --data DIR
+        In one process, what op determinism costs inside the training step: mnist's and names'
+        models on dlcli's data pipeline (and mnist's on arrays, `fit(x, y)`) with determinism
+        and TensorFlow's composite cross-entropy, with determinism and the fused kernel (what
+        dlcli runs on CPUs, `keras_workarounds.fused_cross_entropy_on_cpu`), and without
+        determinism, a model each, an epoch each in turn: seconds per epoch.
     python benchmarks/engine_costs.py loop --data DIR
         In one process, blocks of mnist epochs: plain `model.fit` on the arrays against the
         engine's loop (a `fit` per epoch on `array_epochs`, reseeding, the step watcher,
@@ -96,6 +102,52 @@ def determinism(args) -> None:
         on, off = rates[task, True], rates[task, False]
         print(f"{task}: median {statistics.median(on):,.0f} ex/s with determinism, {statistics.median(off):,.0f} "
               f"without: ratio {statistics.median(on) / statistics.median(off):.2f}")
+
+
+def cross_entropy(args) -> None:
+    from benchmarks import workers  # imports TensorFlow
+    from tensorflow.python.framework import config
+    from tensorflow.python.ops import nn_ops
+
+    from dlcli import training
+
+    training.set_seed(0)  # determinism, dlcli's fused kernel, and the seed Keras's shuffle then needs
+    fused = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
+    sides = {"determinism, composite": (True, fused.original), "determinism, fused (dlcli)": (True, fused),
+             "no determinism": (False, fused.original)}
+
+    def use(deterministic, kernel):  # both are read when Keras traces the step, and by kernels as they run
+        (config.enable_op_determinism if deterministic else config.disable_op_determinism)()
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = kernel
+
+    cases = []
+    for task in ("mnist", "names"):
+        cfg = workers.task_cfg(task, _data_spec(task, args.data))
+        (xt, yt), _, build = workers.arrays(task, cfg)
+        if task == "mnist":
+            train_data, _ = _mnist_epochs(cfg)
+            cases.append(("mnist, fit(x, y) on arrays", build, lambda epoch, x=xt, y=yt, batch=cfg["batch_size"]: ((x, y), {"batch_size": batch})))
+        else:
+            train_data, _ = training.array_epochs(xt, yt, cfg["batch_size"], cfg["seed"])
+        cases.append((f"{task}, dlcli's pipeline", build,
+                      lambda epoch, data=train_data: ((training.without_autotune_thread(data(epoch)),), {})))
+    for case, build, data in cases:
+        models = {}
+        for side, how in sides.items():
+            use(*how)
+            models[side] = build()  # traced on its first fit, under its own setting
+        seconds = {side: [] for side in sides}
+        for r in range(args.rounds + 1):  # round 0 traces and warms up; not counted
+            for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                use(*sides[side])
+                fit_args, fit_kwargs = data(r)
+                t = time.perf_counter()
+                models[side].fit(*fit_args, **fit_kwargs, epochs=1, verbose=0)
+                if r:
+                    seconds[side].append(time.perf_counter() - t)
+        print(f"{case}: " + ", ".join(f"{side} {statistics.median(v):.2f} s" for side, v in seconds.items())
+              + " (median seconds an epoch)", flush=True)
+    use(*sides["determinism, fused (dlcli)"])
 
 
 def _mnist_epochs(cfg: dict):
@@ -304,12 +356,12 @@ def main() -> None:
         print(reference_rate(task, deterministic == "1", json.loads(spec)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["determinism", "loop", "autotune", "precision", "save"])
+    p.add_argument("check", choices=["determinism", "cross-entropy", "loop", "autotune", "precision", "save"])
     p.add_argument("--data", help="folder of the real data sets (default: $DLCLI_SHARED_DATA)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
     args = p.parse_args()
-    {"determinism": determinism, "loop": loop, "autotune": autotune, "precision": precision, "save": save}[args.check](args)
+    {"determinism": determinism, "cross-entropy": cross_entropy, "loop": loop, "autotune": autotune, "precision": precision, "save": save}[args.check](args)
 
 
 if __name__ == "__main__":

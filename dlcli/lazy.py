@@ -35,12 +35,14 @@ class _LazyModule(types.ModuleType):
 
 def _prepare_keras() -> None:
     """At dlcli's first use of Keras in a process: the workarounds that apply process-wide
-    (Keras's data sets of arrays without tf.data's autotuner; see `keras_workarounds`)."""
+    (Keras's data sets of arrays without tf.data's autotuner, saving's skip sets built once;
+    see `keras_workarounds`)."""
     global _keras_ready
     _keras_ready = True
-    from dlcli.keras_workarounds import array_data_without_autotune
+    from dlcli.keras_workarounds import array_data_without_autotune, cached_attr_skipsets
 
     array_data_without_autotune()
+    cached_attr_skipsets()
 
 
 def lazy_import(name: str) -> types.ModuleType:

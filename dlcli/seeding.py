@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dlcli.keras_workarounds import seed_generators
+from dlcli.keras_workarounds import fused_cross_entropy_on_cpu, seed_generators
 from dlcli.lazy import lazy_import
 
 keras = lazy_import("keras")
@@ -11,11 +11,13 @@ tf = lazy_import("tensorflow")
 
 
 def set_seed(seed: int | None) -> None:
-    """Seed Python, NumPy and TensorFlow, and ask TensorFlow for deterministic kernels."""
+    """Seed Python, NumPy and TensorFlow, and ask TensorFlow for deterministic kernels
+    (keeping the fused cross-entropy kernel where it is deterministic already: CPUs)."""
     if seed is None:
         return
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    fused_cross_entropy_on_cpu()
 
 
 def epoch_seed(seed: int | None, epoch: int) -> int | None:

@@ -110,3 +110,111 @@ def test_keras_array_data_still_keeps_the_autotuner():
 
     original = ArrayDataAdapter.get_tf_dataset.original
     assert original(ArrayDataAdapter(np.zeros((4, 2)))).options().autotune.enabled is not False
+
+
+def _cross_entropy_graph(logits, labels):
+    """(op types, loss, gradient) of sparse softmax cross-entropy as `tf.function` traces it now."""
+    import tensorflow as tf
+
+    @tf.function
+    def loss_and_gradient(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, x))
+        return loss, tape.gradient(loss, x)
+
+    graph = loss_and_gradient.get_concrete_function(logits, labels).graph
+    loss, gradient = loss_and_gradient(logits, labels)
+    return {op.type for op in graph.get_operations()}, loss.numpy(), gradient.numpy()
+
+
+def test_cross_entropy_under_determinism_runs_the_fused_cpu_kernel_with_the_same_values():
+    """dlcli's seeding turns op determinism on; on CPUs the loss must then still run as one
+    fused kernel, and give what the composite gives (to rounding) and the same bits every time."""
+    import numpy as np
+    import tensorflow as tf
+
+    from dlcli import seeding
+
+    seeding.set_seed(3)
+    from tensorflow.python.framework import config
+
+    assert config.is_op_determinism_enabled()
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(64, 10)) * 4, tf.float32)
+    labels = tf.constant(rng.integers(0, 10, 64), tf.int32)
+    ops, loss, gradient = _cross_entropy_graph(logits, labels)
+    assert "SparseSoftmaxCrossEntropyWithLogits" in ops and "GatherV2" not in ops
+    _, again_loss, again_gradient = _cross_entropy_graph(logits, labels)
+    assert again_loss == loss and np.array_equal(again_gradient, gradient)
+    from tensorflow.python.ops import nn_ops
+
+    patched = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
+    try:
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched.original
+        composite_ops, composite_loss, composite_gradient = _cross_entropy_graph(logits, labels)
+    finally:
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched
+    np.testing.assert_allclose(loss, composite_loss, rtol=1e-6)
+    np.testing.assert_allclose(gradient, composite_gradient, atol=1e-6)
+
+
+@pytest.mark.upstream
+def test_determinism_still_swaps_the_cross_entropy_for_a_composite():
+    """If this fails, TensorFlow keeps the fused kernel under op determinism by itself: remove
+    `fused_cross_entropy_on_cpu`."""
+    import tensorflow as tf
+
+    from dlcli import seeding
+
+    seeding.set_seed(3)
+    from tensorflow.python.ops import nn_ops
+
+    patched = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
+    try:
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched.original
+        ops, _, _ = _cross_entropy_graph(tf.zeros((2, 3)), tf.zeros((2,), tf.int32))
+    finally:
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched
+    assert "SparseSoftmaxCrossEntropyWithLogits" not in ops
+
+
+def test_saving_builds_each_skip_set_once_and_saves_the_same_model(tmp_path):
+    """After dlcli's first use of Keras, a second save and load build no skip set again, and
+    the saved model still loads with its weights."""
+    import numpy as np
+
+    from dlcli.lazy import lazy_import
+
+    keras = lazy_import("keras")
+    keras.utils.set_random_seed(0)
+    from keras.src.saving import saving_lib
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    model.save(tmp_path / "a.keras")
+    keras.models.load_model(tmp_path / "a.keras")
+    patched = saving_lib.get_attr_skipset
+    original, built = patched.original, []
+    try:
+        patched.original = lambda obj_type: built.append(obj_type) or original(obj_type)
+        model.save(tmp_path / "b.keras")
+        loaded = keras.models.load_model(tmp_path / "b.keras")
+    finally:
+        patched.original = original
+    assert built == []
+    np.testing.assert_array_equal(loaded.get_weights()[0], model.get_weights()[0])
+    assert patched("Layer") == original("Layer")
+
+
+@pytest.mark.upstream
+def test_keras_saving_still_rebuilds_its_skip_sets():
+    """If this fails, Keras finds its own cached skip sets: remove `cached_attr_skipsets`."""
+    from dlcli.lazy import lazy_import
+
+    lazy_import("keras").layers  # dlcli's first use of Keras installs the workaround
+    from keras.src.saving import saving_lib
+
+    original = saving_lib.get_attr_skipset.original
+    assert original("Layer") is not original("Layer")
