@@ -313,6 +313,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="smaller data and fewer repetitions")
     p.add_argument("--data", help="shared data folder (default: $DLCLI_SHARED_DATA; generated if absent)")
     p.add_argument("--json-out", default=str(BENCH / "results" / "latest.json"))
+    p.add_argument("--rounds", type=int, help="rounds of each measurement (default 2, --quick 1): training "
+                   "alternates dlcli and its reference each round, so more rounds, less drift in its ratios")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: startup,training,pipeline,predict,memory")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -332,7 +334,7 @@ def main():
     if args.task and args.task not in importable:
         sys.exit(f"task {args.task!r} is not available: {skipped.get(args.task, 'unknown task')}")
 
-    rounds = 1 if args.quick else 2
+    rounds = args.rounds or (1 if args.quick else 2)
     epochs = 3 if args.quick else 4
     with tempfile.TemporaryDirectory(prefix="dlcli-bench-") as tmpdir:
         tmp = Path(tmpdir)
