@@ -16,15 +16,15 @@ longer needed (or no longer works), so it can be removed rather than carried on:
   (`model.predict(x)`, `evaluate`, `fit(x, y)`); it patches the private
   `ArrayDataAdapter.get_tf_dataset`, once per process, at dlcli's first use of Keras
   (`dlcli.lazy`).
-- `cached_attr_skipsets`: Keras 3.15's saving code means to build the attribute skip set of
-  each saveable type once, but stores it under another key than it reads, so every save and
-  load builds dummy layers and optimizers again; it wraps the private
-  `saving_lib.get_attr_skipset` in a cache, once per process, at dlcli's first use of Keras.
 - `fused_cross_entropy_on_cpu`: under `enable_op_determinism` TensorFlow swaps its fused
   sparse softmax cross-entropy for a composite of about ten ops everywhere, though only its GPU
   kernel needs it; on a machine without GPUs this patches the private
   `nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits` back to the fused kernel, once
   per process, from `seeding.set_seed`.
+- `cached_attr_skipsets`: Keras 3.15's saving code means to build the attribute skip set of
+  each saveable type once, but stores it under another key than it reads, so every save and
+  load builds dummy layers and optimizers again; it wraps the private
+  `saving_lib.get_attr_skipset` in a cache, once per process, at dlcli's first use of Keras.
 """
 
 from __future__ import annotations
