@@ -13,12 +13,17 @@
         `model.predict` on the images already decoded and preprocessed in memory.
     python benchmarks/workers.py predict-cli TASK --model FILE --images LIST [--engine lite]
         `dlcli predict` in this process on the same files: Keras, or the run's export (LiteRT).
+    python benchmarks/workers.py predict-floor cnn --model FILE --images LIST --repeats R
+        The floor under a one-call cnn predict through Keras, beside `predict-ref`'s reference
+        in the same process: loading the model and running predict's batches (128 images and
+        their mirrors) on images already in memory, nothing else; the best ratio any call can have.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -269,10 +274,8 @@ def pipeline(args, spec):
 
 
 def predict_ref(args, spec):
-    from dlcli import training
     from dlcli.images import read_image
 
-    mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
     paths = Path(args.images).read_text().splitlines()
     mode = "L" if args.task == "mnist" else "RGB"
     decode = []  # the floor under any predict from files: reading and decoding them, one thread
@@ -281,6 +284,22 @@ def predict_ref(args, spec):
         for p in paths:
             read_image(p, mode=mode)
         decode.append(time.perf_counter() - t)
+    images, predict_all = _in_memory_reference(args, spec, paths)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        predict_all()
+        times.append(time.perf_counter() - t)
+    return {"images": len(images), "seconds": times, "decode_seconds": decode}
+
+
+def _in_memory_reference(args, spec, paths: list[str]):
+    """(images, predict_all): the files decoded and preprocessed as the task's predict does,
+    stacked in memory, and `model.predict` of them, traced and warmed up."""
+    from dlcli import training
+    from dlcli.images import read_image
+
+    mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
     if args.task == "mnist":
         images = np.stack([mod.to_mnist(read_image(p, mode="L")) for p in paths])
     elif args.task == "finetune":
@@ -305,12 +324,36 @@ def predict_ref(args, spec):
         return probs
 
     predict_all()  # warm-up (tracing)
-    times = []
+    return images, predict_all
+
+
+def predict_floor(args, spec):
+    """The least a one-call cnn predict through Keras must spend, beside the reference, in
+    turns: load the model (as predict does, without its optimizer) and run predict's batches
+    of 128 images and their mirrors, the last padded (`lite.KerasModel`), on images already
+    in memory. reference / floor is the best ratio a call could reach if reading, decoding,
+    ranking and printing cost nothing."""
+    from dlcli import checkpoints
+
+    if args.task != "cnn":
+        raise SystemExit("predict-floor measures cnn's Keras path only")
+    images, predict_all = _in_memory_reference(args, spec, Path(args.images).read_text().splitlines())
+
+    def model_path():
+        model = checkpoints.load_model(Path(args.model), "cnn", compile=False)
+        for i in range(0, len(images), 128):
+            x = images[i:i + 128]
+            x = np.concatenate([x, np.zeros((128 - len(x), *x.shape[1:]), x.dtype)]) if len(x) < 128 else x
+            np.asarray(model.predict_on_batch(np.concatenate([x, x[:, :, ::-1]])))
+
+    reference, floor = [], []
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        predict_all()
-        times.append(time.perf_counter() - t)
-    return {"images": len(images), "seconds": times, "decode_seconds": decode}
+        for side, times in ((predict_all, reference), (model_path, floor)):
+            t = time.perf_counter()
+            side()
+            times.append(time.perf_counter() - t)
+    best = statistics.median(reference) / statistics.median(floor)
+    return {"images": len(images), "reference_s": reference, "floor_s": floor, "best_ratio": best}
 
 
 def predict_cli(args, spec):
@@ -352,7 +395,7 @@ def predict_cli(args, spec):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["reference", "pipeline", "predict-ref", "predict-cli"])
+    p.add_argument("what", choices=["reference", "pipeline", "predict-ref", "predict-cli", "predict-floor"])
     p.add_argument("task")
     p.add_argument("--spec", default="{}", help="JSON: {'flags': {...}} the dlcli run's config overrides")
     p.add_argument("--model")
@@ -361,7 +404,8 @@ def main():
     p.add_argument("--engine", default="keras", choices=["keras", "lite"])
     args = p.parse_args()
     spec = json.loads(args.spec)
-    out = {"reference": reference, "pipeline": pipeline, "predict-ref": predict_ref, "predict-cli": predict_cli}[args.what](args, spec)
+    out = {"reference": reference, "pipeline": pipeline, "predict-ref": predict_ref, "predict-cli": predict_cli,
+           "predict-floor": predict_floor}[args.what](args, spec)
     sys.stdout.write(json.dumps(out) + "\n")
 
 
