@@ -330,21 +330,20 @@ def _in_memory_reference(args, spec, paths: list[str]):
 def predict_floor(args, spec):
     """The least a one-call cnn predict through Keras must spend, beside the reference, in
     turns: load the model (as predict does, without its optimizer) and run predict's batches
-    of 128 images and their mirrors, the last padded (`lite.KerasModel`), on images already
-    in memory. reference / floor is the best ratio a call could reach if reading, decoding,
-    ranking and printing cost nothing."""
-    from dlcli import checkpoints
+    of 128 images and their mirrors through predict's own `lite.KerasModel` (the last batch
+    padded), on images already in memory. reference / floor is the best ratio a call could
+    reach if reading, decoding, ranking and printing cost nothing."""
+    from dlcli import checkpoints, lite
 
     if args.task != "cnn":
         raise SystemExit("predict-floor measures cnn's Keras path only")
     images, predict_all = _in_memory_reference(args, spec, Path(args.images).read_text().splitlines())
 
     def model_path():
-        model = checkpoints.load_model(Path(args.model), "cnn", compile=False)
+        model = lite.KerasModel(checkpoints.load_model(Path(args.model), "cnn", compile=False))
         for i in range(0, len(images), 128):
             x = images[i:i + 128]
-            x = np.concatenate([x, np.zeros((128 - len(x), *x.shape[1:]), x.dtype)]) if len(x) < 128 else x
-            np.asarray(model.predict_on_batch(np.concatenate([x, x[:, :, ::-1]])))
+            model(np.concatenate([x, x[:, :, ::-1]]))
 
     reference, floor = [], []
     for _ in range(args.repeats):

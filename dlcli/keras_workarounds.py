@@ -113,16 +113,22 @@ def array_data_without_autotune() -> None:
         from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter as adapter
     except ImportError:
         return
-    if getattr(adapter.get_tf_dataset, "dlcli_patched", False):
-        return
-    original = adapter.get_tf_dataset
 
     def get_tf_dataset(self):
-        return without_autotune_thread(original(self))
+        return without_autotune_thread(get_tf_dataset.original(self))
 
-    get_tf_dataset.dlcli_patched = True
-    get_tf_dataset.original = original
-    adapter.get_tf_dataset = get_tf_dataset
+    _replace_once(adapter, "get_tf_dataset", get_tf_dataset)
+
+
+def _replace_once(owner, name: str, replacement) -> None:
+    """Put `replacement` in place of `owner.name`, once per process (a second call keeps the
+    first); it finds what it replaced as `replacement.original`, which tests also use."""
+    original = getattr(owner, name)
+    if getattr(original, "dlcli_patched", False):
+        return
+    replacement.dlcli_patched = True
+    replacement.original = original
+    setattr(owner, name, replacement)
 
 
 def fused_cross_entropy_on_cpu() -> None:
@@ -147,21 +153,16 @@ def fused_cross_entropy_on_cpu() -> None:
         >>> "SparseSoftmaxCrossEntropyWithLogits" in [op.type for op in graph.get_operations()]
         True
     """
-    try:  # a private function: where a later TensorFlow drops it, go on without the workaround
-        from tensorflow.python.ops import gen_nn_ops, nn_ops
+    from tensorflow.python.ops import gen_nn_ops, nn_ops
 
-        original = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
-    except (ImportError, AttributeError):
-        return
-    if getattr(original, "dlcli_patched", False) or tf.config.list_physical_devices("GPU"):
+    private = "_sparse_softmax_cross_entropy_with_rank_2_logits"  # a later TensorFlow may drop it: then no workaround
+    if not hasattr(nn_ops, private) or tf.config.list_physical_devices("GPU"):
         return
 
     def fused(logits, labels, name):
         return gen_nn_ops.sparse_softmax_cross_entropy_with_logits(logits, labels, name=name)[0]
 
-    fused.dlcli_patched = True
-    fused.original = original
-    nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = fused
+    _replace_once(nn_ops, private, fused)
 
 
 def cached_attr_skipsets() -> None:
@@ -183,11 +184,9 @@ def cached_attr_skipsets() -> None:
     """
     try:  # a private function: where a later Keras moves it, go on without the workaround
         from keras.src.saving import saving_lib
-
-        original = saving_lib.get_attr_skipset
-    except (ImportError, AttributeError):
+    except ImportError:
         return
-    if getattr(original, "dlcli_patched", False):
+    if not hasattr(saving_lib, "get_attr_skipset"):
         return
     built: dict = {}
 
@@ -196,6 +195,4 @@ def cached_attr_skipsets() -> None:
             built[obj_type] = get_attr_skipset.original(obj_type)
         return built[obj_type]
 
-    get_attr_skipset.dlcli_patched = True
-    get_attr_skipset.original = original
-    saving_lib.get_attr_skipset = get_attr_skipset
+    _replace_once(saving_lib, "get_attr_skipset", get_attr_skipset)

@@ -128,6 +128,18 @@ def _cross_entropy_graph(logits, labels):
     return {op.type for op in graph.get_operations()}, loss.numpy(), gradient.numpy()
 
 
+def _composite_cross_entropy_graph(logits, labels):
+    """`_cross_entropy_graph` with TensorFlow's own function in place of dlcli's fused one."""
+    from tensorflow.python.ops import nn_ops
+
+    patched = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
+    try:
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched.original
+        return _cross_entropy_graph(logits, labels)
+    finally:
+        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched
+
+
 def test_cross_entropy_under_determinism_runs_the_fused_cpu_kernel_with_the_same_values():
     """dlcli's seeding turns op determinism on; on CPUs the loss must then still run as one
     fused kernel, and give what the composite gives (to rounding) and the same bits every time."""
@@ -147,14 +159,7 @@ def test_cross_entropy_under_determinism_runs_the_fused_cpu_kernel_with_the_same
     assert "SparseSoftmaxCrossEntropyWithLogits" in ops and "GatherV2" not in ops
     _, again_loss, again_gradient = _cross_entropy_graph(logits, labels)
     assert again_loss == loss and np.array_equal(again_gradient, gradient)
-    from tensorflow.python.ops import nn_ops
-
-    patched = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
-    try:
-        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched.original
-        composite_ops, composite_loss, composite_gradient = _cross_entropy_graph(logits, labels)
-    finally:
-        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched
+    _, composite_loss, composite_gradient = _composite_cross_entropy_graph(logits, labels)
     np.testing.assert_allclose(loss, composite_loss, rtol=1e-6)
     np.testing.assert_allclose(gradient, composite_gradient, atol=1e-6)
 
@@ -168,14 +173,7 @@ def test_determinism_still_swaps_the_cross_entropy_for_a_composite():
     from dlcli import seeding
 
     seeding.set_seed(3)
-    from tensorflow.python.ops import nn_ops
-
-    patched = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
-    try:
-        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched.original
-        ops, _, _ = _cross_entropy_graph(tf.zeros((2, 3)), tf.zeros((2,), tf.int32))
-    finally:
-        nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits = patched
+    ops, _, _ = _composite_cross_entropy_graph(tf.zeros((2, 3)), tf.zeros((2,), tf.int32))
     assert "SparseSoftmaxCrossEntropyWithLogits" not in ops
 
 
