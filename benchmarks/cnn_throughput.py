@@ -24,15 +24,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlcli.lazy import import_tensorflow_quietly  # noqa: E402
+from dlcli.engine.lazy import import_tensorflow_quietly  # noqa: E402
 
 import_tensorflow_quietly()
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from dlcli import training  # noqa: E402
-from dlcli.runs import Run  # noqa: E402
+from dlcli.engine import training  # noqa: E402
+from dlcli.runs.run import Run  # noqa: E402
 from dlcli.tasks import Context, cnn  # noqa: E402
 
 RECIPES = {"default": {"batch_size": 128, "lr": 0.05}, "course": {"batch_size": 32, "lr": 5e-3}}

@@ -109,7 +109,7 @@ def cross_entropy(args) -> None:
     from tensorflow.python.framework import config
     from tensorflow.python.ops import nn_ops
 
-    from dlcli import training
+    from dlcli.engine import keras_workarounds, training
 
     training.set_seed(0)  # determinism, dlcli's fused kernel, and the seed Keras's shuffle then needs
     fused = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
@@ -163,7 +163,7 @@ def loop(args) -> None:
     from benchmarks import workers  # imports TensorFlow
     import tensorflow as tf
 
-    from dlcli import training
+    from dlcli.engine import keras_workarounds, training
 
     cfg = workers.task_cfg("mnist", spec)
     training.set_seed(cfg["seed"])  # both sides run with deterministic kernels
@@ -190,9 +190,9 @@ def loop(args) -> None:
             t = time.perf_counter()
             training.reseed_model(model, cfg["seed"], epoch)
             quiet = Quiet()
-            callbacks = training.step_callbacks_class()(
+            callbacks = keras_workarounds.step_callbacks_class()(
                 [training.step_watcher_class()(quiet, steps, quiet, lambda *a: None),
-                 training.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
+                 keras_workarounds.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
                  training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
                 model=model, verbose=0, epochs=epoch + 1, steps=steps)
             model.fit(training.without_autotune_thread(train_data(epoch)),
@@ -219,7 +219,7 @@ def autotune(args) -> None:
     from benchmarks import workers  # imports TensorFlow
     import keras
 
-    from dlcli import training
+    from dlcli.engine import keras_workarounds, training
 
     cfg = workers.task_cfg("mnist", spec)
     _, _, build = workers.arrays("mnist", cfg)
@@ -276,14 +276,14 @@ def predict_on_arrays(rounds: int) -> None:
 
 
 def precision(args) -> None:
-    from dlcli.lazy import import_tensorflow_quietly
+    from dlcli.engine.lazy import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import numpy as np
     import tensorflow as tf
 
     from dlcli import config as config_lib
-    from dlcli.precision import cpu_flags, cpu_has_amx
+    from dlcli.engine.precision import cpu_flags, cpu_has_amx
     from dlcli.tasks import cnn, gan, get_task
 
     print(f"AMX: {cpu_has_amx()}; bfloat16 instructions (avx512_bf16): "
@@ -317,13 +317,13 @@ def precision(args) -> None:
 
 
 def save(args) -> None:
-    from dlcli.lazy import import_tensorflow_quietly
+    from dlcli.engine.lazy import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import numpy as np
 
     from dlcli import config as config_lib
-    from dlcli.runs import fsync_file
+    from dlcli.runs.files import fsync_file
     from dlcli.tasks import autoencoder, get_task, mnist
 
     folder = tempfile.mkdtemp(prefix="engine-costs-")

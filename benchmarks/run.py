@@ -1,4 +1,4 @@
-"""dlcli's benchmark suite (issue 7): one command, one table, one JSON file.
+"""dlcli's benchmark suite: one command, one table, one JSON file.
 
     python benchmarks/run.py                       # everything (under 15 minutes on 2 cores)
     python benchmarks/run.py --quick               # smaller data, fewer repetitions

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlcli.lazy import import_tensorflow_quietly  # noqa: E402
+from dlcli.engine.lazy import import_tensorflow_quietly  # noqa: E402
 
 import_tensorflow_quietly()
 
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from dlcli import config as config_lib  # noqa: E402
-from dlcli.keras_workarounds import without_autotune_thread  # noqa: E402
+from dlcli.engine.keras_workarounds import without_autotune_thread  # noqa: E402
 from dlcli.tasks import Context, get_task  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def arrays(task: str, cfg: dict):
         (xt, yt), (xv, yv) = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
         return (mod.scale(xt), yt), (mod.scale(xv), yv), lambda: mod.build_model(cfg, len(classes))
     if task == "autoencoder":  # the same faces, the same split; fit(x, x) with no LR schedule
-        from dlcli import faces
+        from dlcli.data import faces
 
         ids, x = faces.load_faces(cfg)
         train, val = faces.split_ids(ids, cfg["val_fraction"], cfg["seed"])
@@ -107,7 +107,7 @@ def gan_script(cfg: dict) -> dict:
     averaged generator, in a callback before the clock's."""
     import tensorflow as tf
 
-    from dlcli import faces
+    from dlcli.data import faces
     from dlcli.tasks import gan
 
     ids, x = faces.load_faces(cfg)
@@ -185,7 +185,7 @@ def caption_script(cfg: dict) -> dict:
     paired with one view, and fit on arrays: ([embedding, words in], next words, weight 0 on
     padding), the cosine rate, validated on the held-out captions. The views are drawn once;
     the task draws them per epoch, at the same cost."""
-    from dlcli import schedules
+    from dlcli.engine import schedules
     from dlcli.tasks import caption
 
     data = caption.load_data(cfg)
@@ -236,7 +236,7 @@ def pipeline(args, spec):
     """Seconds for the task's data path from files to the first full epoch of batches."""
     cfg = task_cfg(args.task, spec)
     mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
-    from dlcli import training
+    from dlcli.engine import training
 
     t0 = time.perf_counter()
     if args.task == "mnist":
@@ -274,7 +274,7 @@ def pipeline(args, spec):
 
 
 def predict_ref(args, spec):
-    from dlcli.images import read_image
+    from dlcli.data.images import read_image
 
     paths = Path(args.images).read_text().splitlines()
     mode = "L" if args.task == "mnist" else "RGB"
@@ -296,14 +296,14 @@ def predict_ref(args, spec):
 def _in_memory_reference(args, spec, paths: list[str]):
     """(images, predict_all): the files decoded and preprocessed as the task's predict does,
     stacked in memory, and `model.predict` of them, traced and warmed up."""
-    from dlcli import training
-    from dlcli.images import read_image
+    from dlcli.engine import training
+    from dlcli.data.images import read_image
 
     mod = __import__(f"dlcli.tasks.{args.task}", fromlist=["x"])
     if args.task == "mnist":
         images = np.stack([mod.to_mnist(read_image(p, mode="L")) for p in paths])
     elif args.task == "finetune":
-        from dlcli import backbones
+        from dlcli.pretrained import backbones
 
         cfg = task_cfg("finetune", spec)
         crops = np.stack([backbones.centre_crop_numpy(read_image(p, mode="RGB"), cfg["image_size"]) for p in paths])
@@ -333,7 +333,8 @@ def predict_floor(args, spec):
     of 128 images and their mirrors through predict's own `lite.KerasModel` (the last batch
     padded), on images already in memory. reference / floor is the best ratio a call could
     reach if reading, decoding, ranking and printing cost nothing."""
-    from dlcli import checkpoints, lite
+    from dlcli.runs import checkpoints
+    from dlcli.inference import lite
 
     if args.task != "cnn":
         raise SystemExit("predict-floor measures cnn's Keras path only")

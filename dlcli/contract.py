@@ -21,13 +21,22 @@ one line naming the rule, not later with a traceback or a silently replaced view
    keys are printed as `key value`); `note` is printed after the line in brackets. Every
    value must be JSON-serialisable for `--json`.
 6. Task functions raise `UsageError` for what the user can fix and `RunError` for work
-   that failed, never a bare exception; they import TensorFlow lazily (`dlcli.lazy`), so
+   that failed, never a bare exception; they import TensorFlow lazily (`dlcli.engine.lazy`), so
    reading a spec for `--help` or `dlcli tasks` stays fast.
 7. `data` says what `--dataset` takes (`DataRules`), so the CLI can refuse bad data in
    milliseconds, before TensorFlow loads and before a run is made.
+8. A task whose predict reads files says which (`inputs`, a `FileInputs`): the engine expands
+   folders, globs and `-` (paths on stdin) into files of those types and hands them over in
+   order, each file that cannot be read as an error row in its place. With `predict_stream`
+   (`(ctx, items) -> rows`, items being paths and error rows) rows come out as their batch is
+   done; without it `predict(ctx, paths)` gets the readable paths at once.
+9. A task that can be exported says how (`export`, an `ExportSpec`): the model to export, the
+   preprocessing its users must apply, what it outputs and its class names.
+10. Every config key has a help line: the task's own in `key_help`, or the shared one in
+    `dlcli.config.KEY_HELP`.
 
-This module imports nothing of dlcli but its errors (and `data` inside `on_other_data`,
-which imports no task): every other module may import it.
+This module imports nothing of dlcli but its errors (and, inside functions, `config` and
+`data.sources`, which import no task): every other module may import it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Any, Callable
 
 from dlcli.errors import TaskError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 COMMON_KEYS = ("dataset", "data_dir", "epochs", "batch_size", "lr", "seed")
 KERAS_KEYS = ("jit_compile", "save_every_steps", "strategy")
 ROW_KEYS = ("input", "error", "text", "note")  # the prediction-row keys the CLI reads (rule 5)
@@ -79,6 +89,34 @@ class DataRules:
 
 
 @dataclass
+class FileInputs:
+    """The files a task's predict reads (rule 8): folders are searched recursively, and globs
+    matched, for these suffixes (lower case, with the dot)."""
+
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+
+
+@dataclass
+class ExportSpec:
+    """What `dlcli export` writes for a task (rule 9).
+
+    `preprocessing(cfg) -> dict` is what a user of the exported file must do to an input
+    (recorded in export.json); `model(keras_model)` picks the part to export (the whole model
+    when None; the autoencoder exports its encoder); `output` says what the file returns;
+    `classes(ctx) -> list` gives the class names written to classes.json (None: none).
+
+    Example:
+        ExportSpec(preprocessing=lambda cfg: {"shape": [28, 28], "range": [0.0, 1.0]},
+                   classes=lambda ctx: [str(d) for d in range(10)])
+    """
+
+    preprocessing: Callable[[dict], dict]
+    model: Callable[[Any], Any] | None = None
+    output: str = "class probabilities (softmax)"
+    classes: Callable[["Context"], list] | None = None
+
+
+@dataclass
 class TaskSpec:
     """One task, as the CLI sees it (the rules are in this module's docstring).
 
@@ -86,7 +124,8 @@ class TaskSpec:
     metrics.json); `evaluate(ctx) -> metrics`; `predict(ctx, inputs) -> rows`; `choices`
     lists the allowed values of config keys; `views` maps view names to pictures;
     `predict_options` are predict's own options; `model_file` is the run's model file,
-    which `ctx.model_path` points at.
+    which `ctx.model_path` points at; `inputs`, `predict_stream`, `export` and `key_help`
+    follow rules 8-10.
     """
 
     name: str
@@ -100,6 +139,10 @@ class TaskSpec:
     predict_options: dict[str, Option] = field(default_factory=dict)
     model_file: str = "model.keras"
     data: DataRules | None = None
+    inputs: FileInputs | None = None
+    predict_stream: Callable[["Context", Any], Any] | None = None
+    export: ExportSpec | None = None
+    key_help: dict[str, str] = field(default_factory=dict)
 
     @property
     def default_dataset(self) -> str:
@@ -115,8 +158,8 @@ class Context:
     """Everything a task function needs: the resolved config, the run, the reporter."""
 
     cfg: dict
-    run: Any  # dlcli.runs.Run
-    reporter: Any  # dlcli.progress.Reporter
+    run: Any  # dlcli.runs.run.Run
+    reporter: Any  # dlcli.engine.progress.Reporter
     options: dict = field(default_factory=dict)
     resume: bool = False
     checkpoint: Path | None = None  # an explicit model file instead of the run's
@@ -126,7 +169,7 @@ class Context:
 
     @property
     def model_path(self) -> Path:
-        return self.checkpoint or self.run.path(registered(self.run.task).model_file)
+        return self.checkpoint or self.run.file(registered(self.run.task).model_file)
 
     def view_path(self, view: str) -> Path:
         """Where a view's PNG goes: `--out`, else the run's views/VIEW.png."""
@@ -141,7 +184,7 @@ class Context:
         """
         if not self.run.config_path.exists():
             return False
-        from dlcli.data import data_identity
+        from dlcli.data.sources import data_identity
 
         trained = self.run.read_config()
         return (data_identity(self.cfg.get("dataset"), self.cfg.get("data_dir"))
@@ -218,6 +261,28 @@ def check_spec(spec: Any, name: str) -> None:
             raise TaskError(f"task {name}: {label} must be an Option of type int, float, str or bool")
     if spec.data is not None and not isinstance(spec.data, DataRules):
         raise TaskError(f"task {name}: data must be a DataRules (rule 7)")
+    if spec.inputs is not None:
+        suffixes = getattr(spec.inputs, "suffixes", None)
+        if (not isinstance(spec.inputs, FileInputs) or not suffixes or not isinstance(suffixes, tuple)
+                or not all(isinstance(s, str) and s.startswith(".") and s == s.lower() for s in suffixes)):
+            raise TaskError(f"task {name}: inputs must be a FileInputs whose suffixes are a tuple like ('.png',) (rule 8)")
+    if spec.predict_stream is not None and (not callable(spec.predict_stream) or spec.inputs is None):
+        raise TaskError(f"task {name}: predict_stream must be a function, and needs inputs (the files it reads) (rule 8)")
+    if spec.export is not None:
+        ex = spec.export
+        if (not isinstance(ex, ExportSpec) or not callable(ex.preprocessing)
+                or any(f is not None and not callable(f) for f in (ex.model, ex.classes))):
+            raise TaskError(f"task {name}: export must be an ExportSpec with a preprocessing(cfg) function (rule 9)")
+        if not spec.is_keras:
+            raise TaskError(f"task {name}: only a Keras task (model_file *.keras) can be exported (rule 9)")
+    from dlcli.config import KEY_HELP, flat_keys, key_help
+
+    if not isinstance(spec.key_help, dict):
+        raise TaskError(f"task {name}: key_help must be a dict of config key -> one line (rule 10)")
+    unexplained = [k for k in flat_keys(spec.defaults) if not key_help(spec.key_help, k)]
+    if unexplained:
+        raise TaskError(f"task {name}: config keys without a help line: {', '.join(unexplained)}; "
+                        f"add them to the spec's key_help (rule 10)")
 
 
 def check_model_name(task: str, model_name: str) -> None:

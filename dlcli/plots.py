@@ -13,7 +13,7 @@ import numpy as np
 
 from dlcli.contract import Context, View
 from dlcli.errors import UsageError
-from dlcli.runs import atomic_write
+from dlcli.runs.files import atomic_write
 
 
 def pyplot():

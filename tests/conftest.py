@@ -1,4 +1,4 @@
-"""Shared test fixtures: an in-process CLI runner, a private checkpoint root, tiny real data.
+"""Shared test fixtures: an in-process CLI runner, a private runs folder, tiny real data.
 
 No test needs ../shared or the network: the network probe points at a closed local
 port, so tensorflow-datasets code paths fail fast the way they do offline.
@@ -54,7 +54,7 @@ def _offline_and_isolated(tmp_path, monkeypatch):
 
 @pytest.fixture
 def root(tmp_path) -> Path:
-    """A fresh checkpoint directory for the test's runs."""
+    """A fresh runs folder for the test's runs."""
     return tmp_path / "runs"
 
 
@@ -65,8 +65,8 @@ class Cli:
 
     def __call__(self, *args: str, expect: int | None = 0):
         args = [str(a) for a in args]
-        if args and args[0] in ("train", "eval", "predict", "visualize", "tasks"):
-            args += ["--checkpoint-dir", str(self.root)]
+        if args and args[0] in ("train", "eval", "predict", "export", "visualize", "tasks"):
+            args += ["--runs-dir", str(self.root)]
         result = self.runner.invoke(app, args)
         if expect is not None:
             assert result.exit_code == expect, (

@@ -1,17 +1,19 @@
 """The smallest task that keeps the task contract (dlcli/contract.py): a Keras line fit to
-y = 2x + 1. tests/test_task_contract.py registers it and runs it through the CLI, so
-the contract the README's "Adding a task" section describes stays true."""
+y = 2x + 1, whose predict reads numbers from .txt files (streamed) and whose model exports.
+tests/test_task_contract.py registers it and runs it through the CLI, so the contract that
+docs/architecture.md's "Adding a task" describes stays true."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from dlcli import training
+from dlcli.engine import training
 from dlcli.errors import UsageError
-from dlcli.lazy import lazy_import
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.engine.lazy import lazy_import
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 
@@ -44,20 +46,27 @@ def evaluate(ctx: Context) -> dict:
     return {"mse": float(model.evaluate(x, y, verbose=0))}
 
 
-def predict(ctx: Context, inputs: list[str]) -> list[dict]:
+def predict_stream(ctx: Context, items) -> Iterator[dict]:
+    """Rule 8: `items` are the .txt files the engine found (paths) and the inputs it could not
+    read (error rows), in order; one row each, as they come."""
     model = training.load_model(ctx.model_path, "minimal")
-    rows = []
-    for text in inputs:
+    for item in items:
+        if isinstance(item, dict):
+            yield item
+            continue
         try:
-            value = float(text)
+            value = float(Path(item).read_text())
         except ValueError:
-            rows.append({"input": text, "error": f"{text!r} is not a number"})  # rule 5: one failed input
+            yield {"input": item, "error": f"{item}: not a number"}  # rule 5: one failed input
             continue
         y = float(model.predict(np.array([[value]], np.float32), verbose=0)[0, 0])
-        rows.append({"input": text, "y": round(y, ctx.options["digits"])})
-    if not rows:
-        raise UsageError("give numbers to predict: `dlcli predict minimal 0.5 1`")
-    return rows
+        yield {"input": item, "y": round(y, ctx.options["digits"])}
+
+
+def predict(ctx: Context, inputs: list[str]) -> list[dict]:
+    if not inputs:
+        raise UsageError("give .txt files that hold a number each: `dlcli predict minimal x.txt`")
+    return list(predict_stream(ctx, inputs))
 
 
 def view_fit(ctx: Context) -> Path:
@@ -83,4 +92,9 @@ TASK = TaskSpec(
     predict_options={"digits": Option(int, 3, "digits to round to")},
     views={"minimal-fit": View(view_fit, "the data and the fitted line")},
     data=DataRules(kinds=(), builtin=("line",)),
+    inputs=FileInputs(suffixes=(".txt",)),
+    predict_stream=predict_stream,
+    export=ExportSpec(preprocessing=lambda cfg: {"input": "one number", "shape": [1]}, output="y",
+                      classes=lambda ctx: ["y"]),
+    key_help={},
 )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlcli import faces
+from dlcli.data import faces
 from dlcli.errors import UsageError
 from dlcli.tasks import autoencoder
 from tests.conftest import Cli, assert_drawn, make_faces, shared_data
@@ -65,7 +65,7 @@ def test_split_is_seeded_disjoint_and_saved(face_dir, tmp_path):
     assert not (faces.split_ids(ids, 0.1, seed=4)[1] == val_a).all()
 
     class FakeRun:
-        path = staticmethod(lambda name: tmp_path / name)
+        file = staticmethod(lambda name: tmp_path / name)
 
     cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{face_dir}"}
     first = faces.load_split(cfg, FakeRun)
@@ -123,7 +123,7 @@ def test_train_eval_and_the_run_files(trained, cli):
 
 
 def test_eval_on_other_data_scores_every_face(trained, cli, tmp_path):
-    """Issue 11.6: not the share the run's seed would hold out of the other folder (5 of 20)."""
+    """All of the other folder, not the share the run's seed would hold out of the other folder (5 of 20)."""
     other = make_faces(tmp_path / "other", 20, seed=7)
     result = cli("eval", "autoencoder", "--dataset", f"folder:{other}", "--json")
     metrics = json.loads(result.stdout)["metrics"]
@@ -134,7 +134,7 @@ def test_eval_on_other_data_scores_every_face(trained, cli, tmp_path):
 
 def test_eval_faces_on_other_data_ignore_the_runs_limit(face_dir, tmp_path):
     class FakeRun:
-        path = staticmethod(lambda name: tmp_path / name)
+        file = staticmethod(lambda name: tmp_path / name)
 
     cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{face_dir}", "limit": 10}
     x, prefix = faces.eval_faces(cfg, FakeRun, other_data=True)

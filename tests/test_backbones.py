@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlcli import backbones, efficientnet_lite, torch_legacy
+from dlcli.pretrained import backbones
+from dlcli.pretrained import efficientnet_lite
+from dlcli.pretrained import torch_legacy
 from dlcli.errors import RunError, UsageError
 
 # ImageNet classes that name each photo (any of them is right: the cat is a tabby-like cat).

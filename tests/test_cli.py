@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dlcli.cli import app
-from dlcli.runs import Run
+from dlcli.runs.run import Run
 
 
 def run_python(code: str, *args: str):
@@ -68,7 +68,7 @@ def test_bad_usage_is_one_clear_line_and_exit_2(cli, args, message):
 def test_offline_tfds_fails_fast_with_advice(cli, monkeypatch):
     import tensorflow_datasets as tfds
 
-    from dlcli import data
+    from dlcli.data import sources as data
 
     probes, downloads = [], []
     probe = data.network_available
@@ -119,10 +119,10 @@ def test_resume_with_nothing_to_resume(cli):
     assert "already done 2 epochs" in result.stderr
 
 
-def test_unwritable_checkpoint_dir_is_a_clear_error(cli, tmp_path):
+def test_unwritable_runs_dir_is_a_clear_error(cli, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = cli.runner.invoke(app, ["train", "linear", "--checkpoint-dir", str(blocker / "runs")])
+    result = cli.runner.invoke(app, ["train", "linear", "--runs-dir", str(blocker / "runs")])
     assert result.exit_code == 1
     assert "cannot write" in result.stderr and "Traceback" not in result.stderr
 
@@ -243,7 +243,7 @@ def test_bad_datasets_are_refused_before_tensorflow_and_leave_nothing(tmp_path):
     code = (
         "import sys\n"
         "from dlcli.cli import app\n"
-        "try:\n    app(['train', 'mnist', '--dataset', sys.argv[1], '--checkpoint-dir', 'runs'])\n"
+        "try:\n    app(['train', 'mnist', '--dataset', sys.argv[1], '--runs-dir', 'runs'])\n"
         "except SystemExit as e:\n    print('EXIT', e.code, 'TF-LOADED' if 'tensorflow' in sys.modules else 'TF-NOT-LOADED')\n"
     )
     for spec, message in cases.items():
@@ -278,7 +278,7 @@ def test_offline_tfds_error_is_the_only_line(tmp_path):
 
 def test_an_empty_image_file_is_called_empty(tmp_path):
     from dlcli.errors import UsageError
-    from dlcli.images import read_image
+    from dlcli.data.images import read_image
 
     (tmp_path / "zero.png").write_bytes(b"")
     with pytest.raises(UsageError, match="zero.png: empty file"):
@@ -291,7 +291,7 @@ def test_live_display_stays_readable_at_80_and_120_columns(width):
 
     from rich.console import Console
 
-    from dlcli.progress import Reporter
+    from dlcli.engine.progress import Reporter
 
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=True, color_system=None)
@@ -312,3 +312,15 @@ def test_live_display_stays_readable_at_80_and_120_columns(width):
     assert "1/20" in lines[0] and "1001/1563" in lines[1] and "0:00:00" in lines[1] and "-:--:--" in lines[1]
     assert "loss 0.2" in lines[1]
     assert "epoch 1/20  loss 0.1235  accuracy 0.9877  val_loss 0.2346  val_accuracy 0.9543" in buf.getvalue()
+
+
+def test_the_old_checkpoint_dir_option_still_names_the_runs_folder_but_is_not_shown(cli, tmp_path):
+    trained = cli.runner.invoke(app, ["train", "linear", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "old"), "--json"])
+    assert trained.exit_code == 0, trained.stderr
+    assert json.loads(trained.stdout)["run"].startswith(str(tmp_path / "old" / "linear"))
+    listed = cli.runner.invoke(app, ["tasks", f"--checkpoint-dir={tmp_path / 'old'}", "--json"])
+    assert json.loads(listed.stdout)["tasks"][0]["trained"] is not None
+    shown = cli.runner.invoke(app, ["train", "--help"]).stdout
+    assert "--runs-dir" in shown and "--checkpoint-dir" not in shown
+    after_dashes = cli.runner.invoke(app, ["predict", "linear", "--checkpoint-dir", str(tmp_path / "old"), "--", "--checkpoint-dir"])
+    assert "--checkpoint-dir" in after_dashes.stderr  # after `--` it is an input, as written

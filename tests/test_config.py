@@ -107,7 +107,7 @@ def test_config_file_reads_1e_minus_3_as_a_number(tmp_path):
 
 
 def test_data_identity_tells_other_data_from_the_same_data_written_differently(tmp_path, monkeypatch):
-    from dlcli.data import data_identity
+    from dlcli.data.sources import data_identity
 
     monkeypatch.chdir(tmp_path)
     assert data_identity("npz:./a.npz") == data_identity(f"npz:{tmp_path}/a.npz")

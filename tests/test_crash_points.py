@@ -56,7 +56,7 @@ class Scenario:
 
     def command(self, run: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "dlcli", "train", self.task, *self.args, "--run", run,
-                "--checkpoint-dir", str(self.root), "--quiet", *extra]
+                "--runs-dir", str(self.root), "--quiet", *extra]
 
     def train(self, run: str, *extra: str, env: dict | None = None, check: bool = False):
         result = subprocess.run(self.command(run, *extra), capture_output=True, text=True,

@@ -31,7 +31,7 @@ def big_digits(tmp_path):
 
 def _args(data, root, *extra):
     return ["mnist", "--dataset", f"npz:{data}", "--epochs", "2", "--batch-size", "8",
-            "--set", "val_size=100", "--checkpoint-dir", str(root), "--quiet", *extra]
+            "--set", "val_size=100", "--runs-dir", str(root), "--quiet", *extra]
 
 
 def _start(data, root, run, *extra):
@@ -61,8 +61,8 @@ def test_sigterm_mid_epoch_saves_and_resume_continues_exactly(cli, big_digits, r
     assert list((root / "mnist" / "stopped" / "backup").glob("epoch-000[12]-step-*"))
     result = cli.runner.invoke(app, ["train", *_args(big_digits, root, "--run", "stopped", "--resume", *three)])
     assert result.exit_code == 0, result.stderr
-    straight = cli.runner.invoke(app, ["eval", "mnist", "--run", "straight", "--checkpoint-dir", str(root), "--json"])
-    resumed = cli.runner.invoke(app, ["eval", "mnist", "--run", "stopped", "--checkpoint-dir", str(root), "--json"])
+    straight = cli.runner.invoke(app, ["eval", "mnist", "--run", "straight", "--runs-dir", str(root), "--json"])
+    resumed = cli.runner.invoke(app, ["eval", "mnist", "--run", "stopped", "--runs-dir", str(root), "--json"])
     # The weights after a mid-epoch stop and resume are those of the uninterrupted run.
     assert json.loads(resumed.stdout)["metrics"] == json.loads(straight.stdout)["metrics"]
 
@@ -156,7 +156,7 @@ def test_mirrored_over_two_cpu_replicas_trains_like_one_device(tmp_path, root):
     data = tmp_path / "digits.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
     command = [sys.executable, "-m", "dlcli", "train", "mnist", "--dataset", f"npz:{data}", "--epochs", "3",
-               "--batch-size", "32", "--set", "val_size=20", "--checkpoint-dir", str(root), "--json"]
+               "--batch-size", "32", "--set", "val_size=20", "--runs-dir", str(root), "--json"]
     single = subprocess.run([*command, "--run", "single"], capture_output=True, text=True)
     mirrored = subprocess.run([*command, "--run", "mirrored", "--set", "strategy=mirrored"], capture_output=True,
                               text=True, env={**os.environ, "DLCLI_CPU_REPLICAS": "2"})
@@ -180,7 +180,7 @@ def test_two_workers_train_mnist_together(tmp_path, root):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "dlcli", "train", "mnist", "--dataset", f"npz:{data}", "--epochs", "2",
              "--batch-size", "32", "--set", "val_size=20", "--set", "strategy=multi-worker", "--run", "mw",
-             "--checkpoint-dir", str(root), "--json"],
+             "--runs-dir", str(root), "--json"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
@@ -193,7 +193,7 @@ def test_two_workers_train_mnist_together(tmp_path, root):
     assert not list(tmp_path.glob("dlcli-mnist-worker-*"))
     assert sorted(p.name for p in (root / "mnist" / "mw").iterdir()) == [
         ".lock", "backup", "classes.json", "config.yaml", "history.csv", "logs", "metrics.json", "model.keras"]
-    result = CliRunner().invoke(app, ["eval", "mnist", "--run", "mw", "--checkpoint-dir", str(root), "--json"])
+    result = CliRunner().invoke(app, ["eval", "mnist", "--run", "mw", "--runs-dir", str(root), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["metrics"]["test_examples"] == 20
 
 
@@ -209,7 +209,7 @@ def test_a_dead_worker_fails_the_run_clearly_and_resume_recovers_it(tmp_path, ro
         return subprocess.Popen(
             [sys.executable, "-m", "dlcli", "train", "mnist", "--dataset", f"npz:{data}", "--epochs", "4",
              "--batch-size", "8", "--set", "val_size=20", "--set", "strategy=multi-worker", "--run", "mw",
-             "--checkpoint-dir", str(root), "--quiet", *extra],
+             "--runs-dir", str(root), "--quiet", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     chief, other = start(0), start(1)

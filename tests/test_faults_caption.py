@@ -1,4 +1,4 @@
-"""captions:DIR keeps to DIR/images/: an image name with '..' or an absolute path is refused by name (issue 16.8)."""
+"""captions:DIR keeps to DIR/images/: an image name with '..' or an absolute path is refused by name."""
 
 import pytest
 from PIL import Image

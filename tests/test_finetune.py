@@ -60,7 +60,7 @@ def test_phase_two_unfreezes_the_last_layers_and_keeps_batchnorm_frozen(trained)
     import keras
 
     from dlcli.tasks.finetune import base_of
-    from dlcli.training import load_model
+    from dlcli.engine.training import load_model
 
     model = load_model(trained["dir"] / "model.keras", "finetune")
     base = base_of(model)
@@ -75,7 +75,7 @@ def test_backbone_runs_in_inference_mode_after_saving(tmp_path):
     import keras
 
     from dlcli.tasks import finetune
-    from dlcli.training import load_model
+    from dlcli.engine.training import load_model
 
     cfg = {**finetune.DEFAULTS, "backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": "none",
            "dropout": 0.0, "augment": False}
@@ -120,9 +120,9 @@ def test_imagenet_weights_offline_give_one_clear_error(cli, tmp_path, monkeypatc
 
 
 def test_local_weights_file_is_loaded_into_the_backbone(cli, tmp_path):
-    from dlcli import backbones
+    from dlcli.pretrained import backbones
     from dlcli.tasks.finetune import base_of
-    from dlcli.training import load_model
+    from dlcli.engine.training import load_model
 
     cfg = {"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": "none", "seed": 7}
     source = backbones.build(cfg, deterministic_seed=7)
@@ -167,9 +167,10 @@ def test_eval_predict_and_samples_view(trained, tmp_path):
 
 def test_default_backbone_fine_tunes_with_its_installed_imagenet_weights_offline(cli, tmp_path):
     """No --backbone, no --weights: EfficientNet-Lite0 with the ImageNet weights of its package."""
-    from dlcli import backbones, efficientnet_lite
+    from dlcli.pretrained import backbones
+    from dlcli.pretrained import efficientnet_lite
     from dlcli.tasks.finetune import base_of
-    from dlcli.training import load_model
+    from dlcli.engine.training import load_model
 
     folder = make_folder(tmp_path / "f", per_class=(6, 3))
     out = cli.json("train", "finetune", "--dataset", f"folder:{folder}", "--image-size", "64", "--epochs", "2",

@@ -1,4 +1,4 @@
-"""KID and FID (dlcli.image_distance): the estimators against what they must satisfy, on small
+"""KID and FID (dlcli.pretrained.image_distance): the estimators against what they must satisfy, on small
 feature arrays, and the feature network on tiny images."""
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dlcli import image_distance as idist
+from dlcli.pretrained import image_distance as idist
 from dlcli.errors import UsageError
 
 

@@ -1,4 +1,4 @@
-"""Each Keras workaround of dlcli/keras_workarounds.py, checked against the installed Keras:
+"""Each Keras workaround of dlcli/engine/keras_workarounds.py, checked against the installed Keras:
 still working (default run) and still needed (`pytest -m upstream`, after a Keras upgrade: a
 failure there means Keras fixed the bug and the workaround can go)."""
 
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_seed_generators_finds_every_random_layer_even_nested():
     import keras
 
-    from dlcli import seeding
-    from dlcli.keras_workarounds import seed_generators
+    from dlcli.engine import seeding
+    from dlcli.engine.keras_workarounds import seed_generators
 
     inner = keras.Sequential([keras.Input((4,)), keras.layers.GaussianNoise(0.1)], name="inner")
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), inner, keras.layers.Dense(2)])
@@ -46,7 +46,7 @@ with strategy.scope():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
 if sys.argv[1] == "with":
-    from dlcli.keras_workarounds import build_before_fit
+    from dlcli.engine.keras_workarounds import build_before_fit
     build_before_fit(model, strategy, ds)
 try:
     model.fit(ds, epochs=1, verbose=0)
@@ -80,7 +80,7 @@ import numpy as np
 from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
 before = ArrayDataAdapter(np.zeros((4, 2))).get_tf_dataset().options().autotune.enabled
-from dlcli import training  # noqa: E402  (dlcli's first use of Keras installs the workaround)
+from dlcli.engine import training  # noqa: E402  (dlcli's first use of Keras installs the workaround)
 
 model = training.keras.Sequential([training.keras.Input((2,)), training.keras.layers.Dense(3)])
 after = ArrayDataAdapter(np.zeros((4, 2))).get_tf_dataset().options().autotune.enabled
@@ -103,7 +103,7 @@ def test_keras_array_data_still_keeps_the_autotuner():
     `array_data_without_autotune`."""
     import numpy as np
 
-    from dlcli.keras_workarounds import array_data_without_autotune
+    from dlcli.engine.keras_workarounds import array_data_without_autotune
 
     array_data_without_autotune()
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
@@ -146,7 +146,7 @@ def test_cross_entropy_under_determinism_runs_the_fused_cpu_kernel_with_the_same
     import numpy as np
     import tensorflow as tf
 
-    from dlcli import seeding
+    from dlcli.engine import seeding
 
     seeding.set_seed(3)
     from tensorflow.python.framework import config
@@ -170,7 +170,7 @@ def test_determinism_still_swaps_the_cross_entropy_for_a_composite():
     `fused_cross_entropy_on_cpu`."""
     import tensorflow as tf
 
-    from dlcli import seeding
+    from dlcli.engine import seeding
 
     seeding.set_seed(3)
     ops, _, _ = _composite_cross_entropy_graph(tf.zeros((2, 3)), tf.zeros((2,), tf.int32))
@@ -182,7 +182,7 @@ def test_saving_builds_each_skip_set_once_and_saves_the_same_model(tmp_path):
     the saved model still loads with its weights."""
     import numpy as np
 
-    from dlcli.lazy import lazy_import
+    from dlcli.engine.lazy import lazy_import
 
     keras = lazy_import("keras")
     keras.utils.set_random_seed(0)
@@ -209,10 +209,91 @@ def test_saving_builds_each_skip_set_once_and_saves_the_same_model(tmp_path):
 @pytest.mark.upstream
 def test_keras_saving_still_rebuilds_its_skip_sets():
     """If this fails, Keras finds its own cached skip sets: remove `cached_attr_skipsets`."""
-    from dlcli.lazy import lazy_import
+    from dlcli.engine.lazy import lazy_import
 
     lazy_import("keras").layers  # dlcli's first use of Keras installs the workaround
     from keras.src.saving import saving_lib
 
     original = saving_lib.get_attr_skipset.original
     assert original("Layer") is not original("Layer")
+
+
+def test_a_moved_private_name_is_a_loud_error_naming_the_workaround():
+    import keras
+
+    from dlcli.engine.keras_workarounds import KerasInternalsChanged, private
+    from dlcli.errors import RunError
+
+    assert private(keras.callbacks.TensorBoard, "_write_keras_model_train_graph", "x") is not None
+    with pytest.raises(KerasInternalsChanged) as moved:
+        private(keras.callbacks.CallbackList, "_no_such_hook", "step_callbacks_class")
+    message = str(moved.value)
+    assert "step_callbacks_class needs CallbackList._no_such_hook" in message and "keras 3.15" in message
+    assert isinstance(moved.value, RunError)  # one line and exit 1 from the CLI, not a traceback
+    with pytest.raises(KerasInternalsChanged, match="keras.src.no_such_module.thing"):
+        private("keras.src.no_such_module", "thing", "x")
+
+
+def test_the_gan_reads_the_averaged_weights_keras_keeps_for_use_ema():
+    import keras
+    import numpy as np
+
+    from dlcli.engine.keras_workarounds import ema_averages, warm_ema_adam_class
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    optimizer = warm_ema_adam_class()(0.1, use_ema=True, ema_momentum=0.5)
+    model.compile(optimizer, "mse")
+    for _ in range(4):  # steps, not fit: at its end fit copies the averages into the model
+        model.train_on_batch(np.ones((4, 2)), np.ones((4, 1)))
+    averages = ema_averages(optimizer)
+    assert [a.shape for a in averages] == [v.shape for v in model.trainable_variables]
+    # an average of the path the weights took: between the start and the weights now, not equal to them
+    assert not np.allclose(averages[0].numpy(), model.trainable_variables[0].numpy())
+    assert float(optimizer.ema_momentum) <= 0.5  # the warm-up: min(ema, (1 + t) / (10 + t))
+
+
+@pytest.mark.upstream
+def test_keras_callback_list_still_turns_every_steps_logs_into_floats():
+    """If this fails, Keras's CallbackList hands per-step hooks the logs as they are: remove
+    `step_callbacks_class`."""
+    import keras
+    import tensorflow as tf
+
+    seen = []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(logs)
+
+    keras.callbacks.CallbackList([Recorder()], verbose=0, epochs=1, steps=1).on_train_batch_end(0, {"loss": tf.constant(1.5)})
+    assert isinstance(seen[0]["loss"], float)
+
+
+@pytest.mark.upstream
+def test_keras_tensorboard_still_dispatches_a_summary_per_step(tmp_path, monkeypatch):
+    """If this fails, Keras's TensorBoard callback writing per epoch skips per-step summaries:
+    remove `epoch_tensorboard_class`."""
+    import keras
+    import tensorflow as tf
+
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path), profile_batch=0)
+    board.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    board._should_write_train_graph = False
+    board.on_train_begin()
+    written = []
+    monkeypatch.setattr(tf.summary, "scalar", lambda *a, **k: written.append(a))
+    board.on_train_batch_end(0, {"loss": 1.0})
+    board.on_train_end()
+    assert written, "no summary dispatched per step"
+
+
+@pytest.mark.upstream
+def test_keras_has_no_public_way_to_read_the_ema_weights_or_list_seed_generators():
+    """If this fails, Keras gives the moving averages of `use_ema` (or a model's seed
+    generators) publicly: use it and remove `ema_averages` (or `seed_generators`)."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(use_ema=True)
+    public = {name for name in dir(optimizer) if not name.startswith("_")}
+    assert not {n for n in public if "moving_average" in n or "ema_variables" in n}
+    assert not {n for n in dir(keras.Model) if not n.startswith("_") and "seed_generator" in n}

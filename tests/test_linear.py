@@ -87,7 +87,7 @@ def test_regression_mode_and_npz_data(cli, tmp_path):
 
 
 def test_eval_on_other_data_scores_all_of_it_or_its_test_split(cli, tmp_path):
-    """Issue 11.6: not the 20 % of the other file that the run's seed would hold out."""
+    """All of the other file, not the 20 % of the other file that the run's seed would hold out."""
     cli("train", "linear", "--run", "a", "--epochs", "3", "--quiet")
     x, y = linear.make_circles(150, seed=5)
     np.savez(tmp_path / "all.npz", x_train=x, y_train=y)

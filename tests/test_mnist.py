@@ -40,7 +40,7 @@ def test_eval_matches_training_metrics(trained, cli, digits_npz):
 
 
 def test_eval_on_other_data_uses_its_test_split_or_all_of_it(trained, cli, tmp_path):
-    """Issue 11.6: other data without a test split is evaluated whole (it was refused), and a
+    """Other data without a test split is evaluated whole, and a
     folder of some of the digits has its labels matched to the run's classes by name."""
     x, y = digit_images(3, seed=7)
     # an npz of x_train/y_train only: the loader evaluates all of it, but the CLI's pre-check
@@ -143,7 +143,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cli, tmp_path, root):
     data = tmp_path / "more.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
     args = ["mnist", "--dataset", f"npz:{data}", "--epochs", "5", "--batch-size", "8",
-            "--set", "val_size=50", "--checkpoint-dir", str(root), "--quiet"]
+            "--set", "val_size=50", "--runs-dir", str(root), "--quiet"]
     cli.runner.invoke(__import__("dlcli.cli").cli.app, ["train", *args, "--run", "straight"])
     proc = subprocess.Popen([sys.executable, "-m", "dlcli", "train", *args, "--run", "killed"])
     backup = root / "mnist" / "killed" / "backup"
@@ -194,7 +194,7 @@ def test_a_checkpoint_of_another_task_is_named(trained, cli, tmp_path):
 
 def test_unit_float_is_the_naive_scaling_to_the_bit_in_float32():
     """The in-place scaling every image task uses gives exactly `x.astype(float32) / 255 - m`."""
-    from dlcli import data
+    from dlcli.data import sources as data
 
     x = np.arange(256, dtype=np.uint8).reshape(16, 16)
     for minus in (0.0, 0.5):
@@ -207,7 +207,7 @@ def test_unit_float_is_the_naive_scaling_to_the_bit_in_float32():
 def test_training_batches_scale_in_the_pipeline_to_the_same_bits():
     """mnist trains on uint8 digits scaled batch by batch: the batches are, bit for bit, those
     of the arrays scaled beforehand (as evaluation and the plain-Keras reference scale them)."""
-    from dlcli import training
+    from dlcli.engine import training
 
     rng = np.random.default_rng(0)
     x = np.concatenate([np.arange(256, dtype=np.uint8).repeat(49).reshape(-1, 28, 28),

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from dlcli.runs import Run
+from dlcli.runs.run import Run
 from dlcli.tasks import names
 from tests.conftest import assert_drawn, shared_data
 
@@ -91,7 +91,7 @@ def small_run(tmp_path_factory):
     data.write_text("\n".join(names.census_names()[:600]) + "\n")
     result = CliRunner().invoke(app, [
         "train", "names", "--dataset", f"text:{data}", "--run", "small", "--epochs", "4", "--units", "48",
-        "--samples", "50", "--json", "--quiet", "--checkpoint-dir", str(tmp / "runs")])
+        "--samples", "50", "--json", "--quiet", "--runs-dir", str(tmp / "runs")])
     assert result.exit_code == 0, result.stderr
     return tmp / "runs", json.loads(result.stdout), data
 
@@ -128,7 +128,7 @@ def test_eval_repeats_the_training_metrics(trained):
 
 
 def test_eval_on_other_data_scores_every_name(trained, tmp_path):
-    """Issue 11.6: all 30 names of another file, not the 10 % the run's seed would hold out of it."""
+    """All 30 names of another file, not the 10 % the run's seed would hold out of it."""
     cli, _, data = trained
     other = tmp_path / "other.txt"
     other.write_text("\n".join(data.read_text().split()[-30:]) + "\n")
@@ -140,7 +140,7 @@ def test_eval_on_other_data_scores_every_name(trained, tmp_path):
 
 
 def test_eval_skips_and_counts_names_with_unseen_characters(trained, tmp_path):
-    """Issue 13.8: a space or a hyphen the model never saw no longer refuses the whole file."""
+    """A space or a hyphen the model never saw is skipped in its name, not a refusal of the whole file."""
     cli, _, data = trained
     plain = data.read_text().split()[:12]
     other = tmp_path / "spaced.txt"

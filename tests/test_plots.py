@@ -1,4 +1,4 @@
-"""The pictures: readable at the size they are written (issue 13.11)."""
+"""The pictures: readable at the size they are written."""
 
 from types import SimpleNamespace
 

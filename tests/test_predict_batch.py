@@ -1,4 +1,4 @@
-"""Issue 12: predict for batch jobs (directories, globs, stdin, --jsonl) and exported models.
+"""predict for batch jobs (directories, globs, stdin, --jsonl) and exported models.
 
 Runs are made here from the task's own build function (no training: the tests are about
 inputs, outputs and the exported model agreeing with the Keras one, not accuracy).
@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from dlcli import config as config_lib
-from dlcli.runs import Run
+from dlcli.runs.run import Run
 from dlcli.tasks import get_task
 
 from .conftest import render_digit
@@ -36,9 +36,9 @@ def make_run(root: Path, task: str, name: str = "r", classes: list | None = None
     run = Run(task, root / task / name)
     run.dir.mkdir(parents=True)
     run.write_config(cfg)
-    model.save(run.path("model.keras"))
+    model.save(run.file("model.keras"))
     if classes is not None:
-        run.path("classes.json").write_text(json.dumps(classes))
+        run.file("classes.json").write_text(json.dumps(classes))
     run.write_metrics({})
     return run.dir
 
@@ -93,7 +93,7 @@ def test_directory_glob_stdin_and_files_mixed_in_order(mnist_run, tmp_path, cli)
     single = digit_files(tmp_path / "single", 1)[0]
     stdin = f"{c[1]}\n\n{c[0]}\n"
     result = cli.runner.invoke(__import__("dlcli.cli", fromlist=["app"]).app,
-                               ["predict", "mnist", "--checkpoint-dir", str(mnist_run), str(tmp_path / "b"),
+                               ["predict", "mnist", "--runs-dir", str(mnist_run), str(tmp_path / "b"),
                                 str(tmp_path / "a" / "*.png"), "-", str(single), "--jsonl"], input=stdin)
     assert result.exit_code == 0, result.stderr
     rows = rows_of(result)
@@ -124,7 +124,7 @@ def test_bad_inputs_each_one_line_and_every_good_input_predicted(mnist_run, tmp_
 def test_empty_stdin_is_one_line(mnist_run, cli):
     from dlcli.cli import app
 
-    result = cli.runner.invoke(app, ["predict", "mnist", "--checkpoint-dir", str(mnist_run), "-"], input="")
+    result = cli.runner.invoke(app, ["predict", "mnist", "--runs-dir", str(mnist_run), "-"], input="")
     assert result.exit_code == 2
     assert "standard input gave no paths" in result.stderr and "Traceback" not in result.stderr
 
@@ -132,7 +132,7 @@ def test_empty_stdin_is_one_line(mnist_run, cli):
 def test_jsonl_streams_before_the_inputs_run_out(mnist_run, tmp_path):
     """The first batch's lines arrive while later paths are still unread on stdin."""
     files = digit_files(tmp_path / "d", 3)
-    proc = subprocess.Popen([sys.executable, "-m", "dlcli", "predict", "mnist", "--checkpoint-dir", str(mnist_run),
+    proc = subprocess.Popen([sys.executable, "-m", "dlcli", "predict", "mnist", "--runs-dir", str(mnist_run),
                              "--engine", "keras", "-", "--jsonl"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdin.write("".join(f"{p}\n" for p in files[:2] * 128))  # one full batch of 256
@@ -159,14 +159,14 @@ CASES = {
 @pytest.mark.parametrize("task", list(CASES))
 def test_exported_tflite_predicts_like_keras(task, tmp_path, cli):
     """Top-1 identical and probabilities within 1e-4, through the CLI and on the raw batch."""
-    from dlcli import lite
+    from dlcli.inference import lite
 
     case = CASES[task]
     classes = [f"c{i}" for i in range(5)] if task != "mnist" else None
     run_dir = make_run(cli.root, task, classes=classes, **case["make"])
     files = case["files"](tmp_path / "in", 10)
     keras_rows = cli.json("predict", task, tmp_path / "in", "--engine", "keras", "--top-k", "3")
-    out = cli.json("export", task, "--checkpoint-dir", cli.root, "--format", "tflite")
+    out = cli.json("export", task, "--runs-dir", cli.root, "--format", "tflite")
     assert out["task"] == task and (run_dir / "export" / "model.tflite").exists()
     assert json.loads((run_dir / "export" / "classes.json").read_text()) == (classes or [str(d) for d in range(10)])
     assert out["preprocessing"]["shape"]
@@ -189,7 +189,7 @@ def test_exported_tflite_predicts_like_keras(task, tmp_path, cli):
 
 def test_a_fresh_predict_with_an_export_never_imports_tensorflow(mnist_run, tmp_path, cli):
     cli.root = mnist_run
-    cli("export", "mnist", "--checkpoint-dir", mnist_run)
+    cli("export", "mnist", "--runs-dir", mnist_run)
     digit = digit_files(tmp_path, 1)[0]
     code = ("import sys\nfrom dlcli.cli import main\nsys.argv = ['dlcli', 'predict', 'mnist', '--checkpoint-dir', "
             f"{str(mnist_run)!r}, {str(digit)!r}, '--json']\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code\n"
@@ -202,7 +202,7 @@ def test_a_fresh_predict_with_an_export_never_imports_tensorflow(mnist_run, tmp_
 def test_stale_or_foreign_exports_are_refused(tmp_path, cli):
     run_dir = make_run(cli.root, "mnist")
     digit = digit_files(tmp_path, 1)[0]
-    cli("export", "mnist", "--checkpoint-dir", cli.root)
+    cli("export", "mnist", "--runs-dir", cli.root)
     later = os.stat(run_dir / "model.keras").st_mtime_ns + 10**9
     os.utime(run_dir / "model.keras", ns=(later, later))  # the run's model is newer than its export
     result = cli("predict", "mnist", digit, "--json")  # auto: falls back to Keras, says so
@@ -213,7 +213,7 @@ def test_stale_or_foreign_exports_are_refused(tmp_path, cli):
     result = cli("predict", "mnist", digit, "--checkpoint", run_dir / "export" / "model.tflite", expect=2)
     assert "is stale" in result.stderr
     # an export of another task: in the run's export/ folder, and named with --checkpoint
-    cli("export", "mnist", "--checkpoint-dir", cli.root)
+    cli("export", "mnist", "--runs-dir", cli.root)
     meta = json.loads((run_dir / "export" / "export.json").read_text())
     (run_dir / "export" / "export.json").write_text(json.dumps({**meta, "task": "cnn"}))
     result = cli("predict", "mnist", digit)
@@ -226,10 +226,10 @@ def test_savedmodel_and_the_autoencoders_encoder(tmp_path, cli):
     import keras
     import tensorflow as tf
 
-    from dlcli import lite
+    from dlcli.inference import lite
 
     run_dir = make_run(cli.root, "mnist")
-    out = cli.json("export", "mnist", "--checkpoint-dir", cli.root, "--format", "savedmodel", "--out", tmp_path / "sm")
+    out = cli.json("export", "mnist", "--runs-dir", cli.root, "--format", "savedmodel", "--out", tmp_path / "sm")
     assert out["format"] == "savedmodel" and (tmp_path / "sm" / "classes.json").exists()
     x = np.random.default_rng(2).uniform(0, 1, (4, 28, 28)).astype(np.float32)
     loaded = tf.saved_model.load(str(tmp_path / "sm" / "saved_model"))  # kept: it owns the variables
@@ -238,7 +238,7 @@ def test_savedmodel_and_the_autoencoders_encoder(tmp_path, cli):
     assert np.abs(served - expected).max() < 1e-5
 
     ae = make_run(cli.root, "autoencoder", model="deep", code=8)
-    cli("export", "autoencoder", "--checkpoint-dir", cli.root)
+    cli("export", "autoencoder", "--runs-dir", cli.root)
     meta = json.loads((ae / "export" / "export.json").read_text())
     assert meta["output"] == "the encoder's code" and meta["preprocessing"]["offset"] == -0.5
     encoder = keras.models.load_model(ae / "model.keras").get_layer("encoder")
@@ -246,7 +246,7 @@ def test_savedmodel_and_the_autoencoders_encoder(tmp_path, cli):
     codes = lite.LiteModel(ae / "export" / "model.tflite")(faces)
     assert np.abs(codes - encoder.predict(faces, verbose=0)).max() < 1e-4
 
-    result = cli("export", "gan", "--checkpoint-dir", cli.root, expect=2)
+    result = cli("export", "gan", "--runs-dir", cli.root, expect=2)
     assert "cannot be exported" in result.stderr
 
 
@@ -254,10 +254,10 @@ def test_auto_leaves_the_float32_export_of_a_mixed_precision_model_alone(tmp_pat
     """A bfloat16 model's export does not reproduce its probabilities to 1e-4: auto uses Keras."""
     from types import SimpleNamespace
 
-    from dlcli import lite
+    from dlcli.inference import lite
 
     run_dir = make_run(cli.root, "mnist")
-    cli("export", "mnist", "--checkpoint-dir", cli.root)
+    cli("export", "mnist", "--runs-dir", cli.root)
     meta_path = run_dir / "export" / "export.json"
     meta = json.loads(meta_path.read_text())
     assert meta["keras_precision"] == "float32"
@@ -274,7 +274,7 @@ def test_keras_model_pads_a_short_last_batch_and_traces_once():
     predict step a second time, and its rows are what the model gives those images alone."""
     import keras
 
-    from dlcli.lite import KerasModel
+    from dlcli.inference.lite import KerasModel
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
     x = np.random.default_rng(0).standard_normal((13, 4)).astype("float32")
@@ -298,7 +298,7 @@ def _pillow_read(path, mode):
 
 def test_plain_pngs_read_by_the_short_path_give_pillows_pixels(tmp_path):
     """Each PNG kind, the short path's and the ones it leaves to Pillow, read as Pillow reads it."""
-    from dlcli.images import _plain_png, read_image
+    from dlcli.data.images import _plain_png, read_image
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (23, 31, 4), dtype=np.uint8)
@@ -329,7 +329,7 @@ def test_plain_pngs_read_by_the_short_path_give_pillows_pixels(tmp_path):
 def test_broken_pngs_get_pillows_error(tmp_path):
     """A bad checksum or cut data: the short path steps aside and Pillow's answer (its error) stands."""
     from dlcli.errors import UsageError
-    from dlcli.images import _plain_png, read_image
+    from dlcli.data.images import _plain_png, read_image
 
     Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) * 7).save(tmp_path / "good.png")
     data = (tmp_path / "good.png").read_bytes()
@@ -346,29 +346,28 @@ def test_broken_pngs_get_pillows_error(tmp_path):
 
 
 def test_quick_inputs_are_prepared_in_the_main_thread_slow_ones_in_threads():
-    """Handing a 24 us decode to a thread costs more than it; a slow one runs ahead in threads."""
+    """Handing a 24 us decode to a thread costs more than it; a slow one runs ahead in threads.
+    The first batch's median time decides (`threads_from`): here a threshold above any time
+    stands for quick inputs, one below any time for slow ones, so no clock decides the test."""
     import threading
-    import time
 
-    from dlcli.batchpredict import stream
+    from dlcli.inference.inputs import stream
 
-    def run(seconds):
+    def run(threads_from):
         where = {}
 
         def prepare(path):
-            if seconds:
-                time.sleep(seconds)
             where[path] = threading.current_thread() is threading.main_thread()
             return path
 
         rows = list(stream([f"f{i}" for i in range(40)], prepare, lambda paths, xs: [{"input": p} for p in paths], 8,
-                           threads_from=0.001))  # a wide margin for a loaded test machine
+                           threads_from=threads_from))
         assert [r["input"] for r in rows] == [f"f{i}" for i in range(40)]
         return where
 
-    quick = run(0)
+    quick = run(float("inf"))
     assert all(quick.values())
-    slow = run(0.005)
+    slow = run(-1.0)
     assert all(slow[f"f{i}"] for i in range(8))  # the first batch tells how long one takes
     assert not any(slow[f"f{i}"] for i in range(8, 40))  # those queued meanwhile go to the threads too
 
@@ -378,7 +377,7 @@ def test_only_paths_on_stdin_get_a_feeder_thread(tmp_path):
     reading ahead only slowed 1,000 small files by its system calls); stdin may wait for input."""
     import io
 
-    from dlcli.batchpredict import expand
+    from dlcli.inference.inputs import expand
 
     files = [str(p) for p in digit_files(tmp_path / "d", 3)]
     assert not expand([files[0], str(tmp_path / "d"), str(tmp_path / "d" / "*.png")]).live

@@ -24,9 +24,23 @@ def test_a_minimal_task_runs_through_train_eval_predict_visualize(cli, minimal, 
     mse = cli.json("eval", "minimal", "--run", "a")["metrics"]["mse"]
     assert mse < 0.5  # the line is learnt (predicting the mean of y would score 4/3)
     assert mse == pytest.approx(trained["metrics"]["loss"], rel=0.5)
-    rows = json.loads(cli("predict", "minimal", "1", "x", "--digits", "1", "--run", "a", "--json", expect=2).stdout)
-    assert rows[1] == {"input": "x", "error": "'x' is not a number"}  # rule 5: that input failed, exit 2
-    assert rows[0]["input"] == "1" and rows[0]["y"] == round(rows[0]["y"], 1)
+    numbers = tmp_path / "numbers"
+    (numbers / "more").mkdir(parents=True)
+    (numbers / "one.txt").write_text("1")
+    (numbers / "more" / "two.txt").write_text("2")
+    (numbers / "skipped.png").write_text("not a .txt: the folder's other files are not inputs")
+    (tmp_path / "word.txt").write_text("x")
+    rows = json.loads(cli("predict", "minimal", str(numbers), str(tmp_path / "word.txt"), "--digits", "1",
+                          "--run", "a", "--json", expect=2).stdout)
+    assert [r["input"] for r in rows] == [str(numbers / "one.txt"), str(numbers / "more" / "two.txt"),
+                                          str(tmp_path / "word.txt")]  # rule 8: the folder searched for .txt
+    assert rows[2] == {"input": str(tmp_path / "word.txt"), "error": f"{tmp_path / 'word.txt'}: not a number"}  # rule 5
+    assert rows[0]["y"] == round(rows[0]["y"], 1) and abs(rows[0]["y"] - 3) < 1.0  # y = 2x + 1, learnt
+    assert rows[1]["y"] > rows[0]["y"]
+    exported = cli.json("export", "minimal", "--run", "a")  # rule 9: the spec says what goes in the export
+    folder = cli.root / "minimal" / "a" / "export"
+    assert exported["preprocessing"] == {"input": "one number", "shape": [1]} and exported["output"] == "y"
+    assert json.loads((folder / "classes.json").read_text()) == ["y"] and (folder / "model.tflite").stat().st_size > 0
     out = tmp_path / "fit.png"
     shown = cli("visualize", "minimal-fit", "--run", "a", "--out", str(out))
     assert shown.stdout.strip() == str(out)
@@ -59,6 +73,10 @@ def _module(tmp_path, monkeypatch, name: str, **changes) -> str:
     ("nocommon", {"defaults": {k: v for k, v in minimal_task.DEFAULTS.items() if k != "seed"}},
      "defaults lack seed; start them with common_defaults(...) (rule 2)"),
     ("badoption", {"predict_options": {"digits": 3}}, "predict option digits must be an Option"),
+    ("badinputs", {"inputs": minimal_task.FileInputs(suffixes=("txt",))}, "suffixes are a tuple like ('.png',) (rule 8)"),
+    ("streamalone", {"inputs": None}, "predict_stream must be a function, and needs inputs"),
+    ("badexport", {"export": minimal_task.ExportSpec(preprocessing=None)}, "export must be an ExportSpec with a preprocessing(cfg)"),
+    ("nohelp", {"defaults": {**minimal_task.DEFAULTS, "wobble": 1}}, "config keys without a help line: wobble; add them to the spec's key_help (rule 10)"),
 ])
 def test_a_task_breaking_a_rule_is_refused_at_registration(tmp_path, monkeypatch, cli, name, changes, message):
     module = _module(tmp_path, monkeypatch, name, **changes)
@@ -81,8 +99,8 @@ def test_a_model_without_the_task_prefix_is_refused():
 
 
 def test_the_contract_module_is_the_bottom_floor():
-    """contract imports dlcli's errors and (in a function) data, which import no other dlcli
-    module: so every module may import the contract, with no circle."""
+    """contract imports dlcli's errors and (in functions) config and data, which import no
+    task and not the contract: so every module may import the contract, with no circle."""
     import ast
     from pathlib import Path
 
@@ -91,8 +109,9 @@ def test_the_contract_module_is_the_bottom_floor():
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 and node.module.startswith("dlcli")}
 
-    from dlcli import data, errors
+    from dlcli import errors
+    from dlcli.data import sources as data
 
-    assert dlcli_imports(contract) == {"dlcli.errors", "dlcli.data"}
-    assert dlcli_imports(data) <= {"dlcli.errors", "dlcli.lazy"} and dlcli_imports(errors) == set()
+    assert dlcli_imports(contract) == {"dlcli.errors", "dlcli.config", "dlcli.data.sources"}
+    assert dlcli_imports(data) <= {"dlcli.errors", "dlcli.engine.lazy"} and dlcli_imports(errors) == set()
     assert dataclasses.is_dataclass(contract.TaskSpec)

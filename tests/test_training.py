@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from dlcli import training
+from dlcli.engine import keras_workarounds, training
 
 
 class Recorder(keras.callbacks.Callback):
@@ -18,7 +18,7 @@ class Recorder(keras.callbacks.Callback):
 def test_step_callbacks_hand_tensors_to_the_engine_and_floats_to_the_rest():
     engine, other = Recorder(), Recorder()
     engine.reads_tensor_logs = True
-    callbacks = training.step_callbacks_class()([engine, other], verbose=0, epochs=1, steps=1)
+    callbacks = keras_workarounds.step_callbacks_class()([engine, other], verbose=0, epochs=1, steps=1)
     loss = tf.constant(1.5)
     callbacks.on_train_batch_end(0, {"loss": loss})
     assert engine.seen == [{"loss": loss}] and engine.seen[0]["loss"] is loss  # not waited for
@@ -28,7 +28,7 @@ def test_step_callbacks_hand_tensors_to_the_engine_and_floats_to_the_rest():
 
 
 def test_tensorboard_writes_no_per_step_summaries(tmp_path, monkeypatch):
-    board = training.epoch_tensorboard_class()(log_dir=str(tmp_path), profile_batch=0)
+    board = keras_workarounds.epoch_tensorboard_class()(log_dir=str(tmp_path), profile_batch=0)
     written = []
     monkeypatch.setattr(tf.summary, "scalar", lambda *a, **k: written.append(a))
     board._should_write_train_graph = False

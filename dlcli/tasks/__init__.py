@@ -1,9 +1,13 @@
 """The task registry: one module per task, each exporting a `TASK` spec.
 
 A task module owns its data, model, prediction and pictures. It imports TensorFlow
-lazily (see `dlcli.lazy`), so reading its spec for `dlcli tasks` or `--help` is cheap.
+lazily (see `dlcli.engine.lazy`), so reading its spec for `dlcli tasks` or `--help` is cheap.
 The contract a task module follows (TaskSpec, Context, View, Option and their rules) is
 in `dlcli.contract`; `get_task` checks each spec against it when it first loads a task.
+
+A task kept in another package registers itself with an entry point in the group
+`dlcli.tasks`, its name the task's and its value the module (`wordcount = "mypkg.wordcount"`
+under `[project.entry-points."dlcli.tasks"]`); it then lists and runs like a built-in one.
 """
 
 from __future__ import annotations
@@ -11,13 +15,28 @@ from __future__ import annotations
 import importlib
 
 from dlcli.contract import (  # noqa: F401  (what task modules import from here)
-    Context, DataRules, Option, TaskSpec, View, common_defaults, register, unregister,
+    Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults, register, unregister,
 )
 from dlcli.errors import UsageError
+
+ENTRY_POINT_GROUP = "dlcli.tasks"
 
 # In the order `dlcli tasks` lists them; `add_task` appends to it (a list the CLI shares).
 TASK_NAMES = ["linear", "mnist", "cnn", "finetune", "autoencoder", "gan", "names", "caption"]
 _MODULES = {name: f"dlcli.tasks.{name}" for name in TASK_NAMES}
+
+
+def _installed_tasks() -> None:
+    """Add the tasks that other installed packages declare (entry points of `dlcli.tasks`)."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if entry.name not in _MODULES:
+            _MODULES[entry.name] = entry.value.split(":")[0]
+            TASK_NAMES.append(entry.name)
+
+
+_installed_tasks()
 
 
 def get_task(name: str) -> TaskSpec:

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import data as data_lib
-from dlcli import faces, training
+from dlcli.data import sources as data_lib
+from dlcli.data import faces
+from dlcli.engine import training
 from dlcli.errors import UsageError
-from dlcli.images import in_input_order, read_many
-from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write_npz
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.data.images import in_input_order, read_many
+from dlcli.engine.lazy import lazy_import
+from dlcli.runs.files import atomic_write_npz
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -147,7 +148,7 @@ def evaluate(ctx: Context) -> dict:
 
 
 def _out_dir(ctx: Context) -> Path:
-    out = ctx.out or ctx.run.path("predictions")
+    out = ctx.out or ctx.run.file("predictions")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -156,7 +157,7 @@ def index_codes(ctx: Context, encoder, folder: str) -> tuple[list[str], np.ndarr
     """Codes of every image under `folder`, computed once and cached in the run's index/."""
     files = faces.list_images(folder)
     key = faces.folder_fingerprint(files)
-    cache = ctx.run.path("index") / f"{Path(folder).resolve().name}-{key}-{ctx.cfg['crop']}.npz"
+    cache = ctx.run.file("index") / f"{Path(folder).resolve().name}-{key}-{ctx.cfg['crop']}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as data:
             return [str(p) for p in data["paths"]], data["codes"]
@@ -321,6 +322,30 @@ def view_morph(ctx: Context) -> Path:
                       suptitle=f"autoencoder / {ctx.run.name}: morphing between held-out faces")
 
 
+def export_preprocessing(cfg: dict) -> dict:
+    """What a user of the exported encoder does to a photo before it (export.json)."""
+    size, crop = cfg["image_size"], cfg["crop"]
+    return {"input": "RGB face photo", "steps": [
+        f"the centred square of side {crop if crop > 0 else 'min(height, width)'}", f"resize to {size}x{size} (Lanczos)",
+        "x / 255 - 0.5"], "code": "dlcli.data.faces.preprocess + dlcli.tasks.autoencoder.scale",
+        "shape": [size, size, 3], "scale": 1 / 255, "offset": -0.5, "output": "the encoder's code"}
+
+
+# The encoder is what is worth running elsewhere: a photo in, its code out.
+EXPORT = ExportSpec(preprocessing=export_preprocessing, model=lambda model: model.get_layer("encoder"),
+                    output="the encoder's code")
+
+
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "model": "pca: one dense layer each way; deep: convolutional encoder and decoder",
+    "code": "numbers in the code between encoder and decoder",
+    "noise": "std of Gaussian noise added to the input while training (a denoising autoencoder)",
+    "optimizer": "the optimizer",
+}
+
+
 TASK = TaskSpec(
     name="autoencoder",
     summary="faces through a 32-number code: the course's PCA and deep conv autoencoders",
@@ -346,4 +371,7 @@ TASK = TaskSpec(
                                   options={"n": Option(int, 4, "how many pairs"),
                                            "steps": Option(int, 7, "images per strip")}),
     },
+    key_help=KEY_HELP,
+    inputs=FileInputs(),
+    export=EXPORT,
 )

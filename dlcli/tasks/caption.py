@@ -1,12 +1,12 @@
 """Task `caption`: image captioning with a pretrained CNN encoder and an LSTM decoder.
 
-Week 6 of the course. The encoder is a pretrained backbone (see `dlcli.backbones`):
+Week 6 of the course. The encoder is a pretrained backbone (see `dlcli.pretrained.backbones`):
 EfficientNet-Lite0 by default, whose ImageNet weights install with dlcli, on the 224x224
 centre crop, with global average pooling; the course's InceptionV3 is `--backbone
 inception_v3 --image-size 299` where Keras can fetch its weights. It is never trained,
 so every image's embedding is computed once and cached on disk, keyed by the
 backbone, its weights, the input size and the list of images: later epochs and later runs
-train only the decoder. The cache lives beside the runs (`<checkpoint-dir>/caption/
+train only the decoder. The cache lives beside the runs (`<runs-dir>/caption/
 .embeddings/`) unless `cache_dir` says otherwise.
 
 The decoder is the course's: embedding -> dense 120 elu -> dense 300 elu as the LSTM's
@@ -51,15 +51,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import backbones
-from dlcli import data as data_lib
-from dlcli import schedules
-from dlcli import training
+from dlcli.pretrained import backbones
+from dlcli.data import sources as data_lib
+from dlcli.engine import schedules
+from dlcli.engine import training
 from dlcli.errors import UsageError
-from dlcli.images import in_input_order, read_image, read_many
-from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write_json, atomic_write_npz
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.data.images import in_input_order, read_image, read_many
+from dlcli.engine.lazy import lazy_import
+from dlcli.runs.files import atomic_write_json, atomic_write_npz
+from dlcli.tasks import Context, DataRules, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -456,8 +456,8 @@ def train(ctx: Context) -> dict:
     backbones.resolve_weights(cfg)  # the weights error before any data work
     data = load_data(cfg)
     vocab = build_vocab([c for _, caps in data.train for c in caps], cfg["min_word_count"])
-    atomic_write_json(ctx.run.path("vocab.json"), vocab)
-    atomic_write_json(ctx.run.path("encoder.json"), encoder_spec(cfg))
+    atomic_write_json(ctx.run.file("vocab.json"), vocab)
+    atomic_write_json(ctx.run.file("encoder.json"), encoder_spec(cfg))
     train_views = embeddings(ctx, data, data.train, data.train_split, views=cfg["train_views"])
     held_vectors = heldout_embeddings(ctx, data)
     index, tokens = caption_arrays(data.train, vocab, cfg["max_caption_tokens"])
@@ -568,7 +568,7 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
         raise UsageError("give image files to caption: `dlcli predict caption photo.jpg [more.jpg ...]`")
     model = training.load_model(ctx.model_path, "caption")
     vocab = _vocab(ctx)
-    spec_path = ctx.run.path("encoder.json")
+    spec_path = ctx.run.file("encoder.json")
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else encoder_spec(ctx.cfg)
     good, images, failures = read_many(inputs, lambda p: read_image(p, mode="RGB"))
     rows = []
@@ -621,6 +621,25 @@ DECODE_OPTIONS = {
     "temperature": Option(float, 0.0, "sample words with this temperature instead (0: off)"),
 }
 
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "holdout": "the share of a captions:DIR data set's images held out for evaluation",
+    "max_images": "use only the first N images (0: all)",
+    "cache_dir": "where image embeddings are cached (default: <runs-dir>/caption/.embeddings)",
+    "min_word_count": "words seen fewer times become #UNK#",
+    "max_caption_tokens": "captions are cut to this many tokens",
+    "bottleneck": "units of the dense layers between image embedding and the LSTM's state",
+    "lstm_units": "units of the LSTM",
+    "word_embedding": "size of each word's embedding",
+    "logit_bottleneck": "units of the dense layer between the LSTM and the word logits",
+    "eval_beam": "beam width of eval's second BLEU (1: greedy only)",
+    "dropout": "dropout on the image embedding, the word embeddings and the LSTM's outputs (0: none)",
+    "lr": "the learning rate of the first epoch; it falls along a half cosine to 0 at the last",
+    "train_views": "cached crops of each training image (centre, mirror, random crops); each caption sees one an epoch",
+}
+
+
 TASK = TaskSpec(
     name="caption",
     summary="caption images: a pretrained CNN encoder (cached embeddings) and an LSTM decoder",
@@ -635,4 +654,6 @@ TASK = TaskSpec(
         "caption-samples": View(view_samples, "held-out images with generated and reference captions",
                                 options={"n": Option(int, 8, "how many images"), **DECODE_OPTIONS}),
     },
+    key_help=KEY_HELP,
+    inputs=FileInputs(),
 )

@@ -25,14 +25,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from dlcli import data as data_lib
-from dlcli import lite, training
-from dlcli.batchpredict import stream
+from dlcli.data import sources as data_lib
+from dlcli.inference import lite
+from dlcli.engine import training
+from dlcli.inference.inputs import stream
 from dlcli.errors import UsageError
-from dlcli.images import ranked_rows, read_image
-from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write_json
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.data.images import ranked_rows, read_image
+from dlcli.engine.lazy import lazy_import
+from dlcli.runs.files import atomic_write_json
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -241,7 +242,7 @@ def train(ctx: Context) -> dict:
     cfg = ctx.cfg
     training.set_seed(cfg["seed"])
     x, y, classes = load_split(cfg, "train")
-    atomic_write_json(ctx.run.path("classes.json"), classes)
+    atomic_write_json(ctx.run.file("classes.json"), classes)
     (x_train, y_train), val = split_validation(x, y, cfg["val_size"], cfg["seed"])
     ctx.reporter.info(f"{len(x_train)} training images, {len(val[0]) if val else 0} for validation, {len(classes)} classes")
 
@@ -488,6 +489,25 @@ def view_samples(ctx: Context) -> Path:
                       cols=8, suptitle=f"cnn / {ctx.run.name}: test images, predicted class and probability")
 
 
+def export_preprocessing(cfg: dict) -> dict:
+    """What a user of the exported model does to an image before it (export.json)."""
+    return {"input": "RGB image of any size", "steps": ["resize the whole image to 32x32 (Lanczos)", "x / 255 - 0.5"],
+            "code": "dlcli.tasks.cnn.to_input", "shape": [32, 32, 3], "scale": 1 / 255, "offset": -0.5,
+            "tta": bool(cfg.get("tta")), "tta_means": "average the probabilities of the image and its mirror image"}
+
+
+EXPORT = ExportSpec(preprocessing=export_preprocessing, classes=_classes)
+
+
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "width": "filters of the default model's first block (the blocks have 1x, 2x, 4x)",
+    "weight_decay": "weight decay of the default model's SGD",
+    "warmup": "the share of the epochs over which the default model's rate rises to --lr",
+}
+
+
 TASK = TaskSpec(
     name="cnn",
     summary="CIFAR-10 from scratch: the course's CNN, and a batch-norm + augmentation recipe",
@@ -511,4 +531,8 @@ TASK = TaskSpec(
         "cnn-samples": View(view_samples, "test images with predicted and true labels and scores",
                             options={"n": Option(int, 24, "how many images")}),
     },
+    key_help=KEY_HELP,
+    inputs=FileInputs(),
+    predict_stream=predict_stream,
+    export=EXPORT,
 )

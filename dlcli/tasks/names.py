@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import data as data_lib
-from dlcli import training
+from dlcli.data import sources as data_lib
+from dlcli.engine import training
 from dlcli.errors import RunError, UsageError
-from dlcli.lazy import lazy_import
+from dlcli.engine.lazy import lazy_import
 from dlcli.plots import pyplot, save_figure
-from dlcli.runs import atomic_write_json, atomic_write_text
+from dlcli.runs.files import atomic_write_json, atomic_write_text
 from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
@@ -336,8 +336,8 @@ def train(ctx: Context) -> dict:
     train_lines, val_lines = split_lines(load_lines(cfg, ctx.reporter), cfg["val_fraction"], cfg["seed"])
     # Every line's characters, so no held-out name is unencodable; the length is training's.
     vocab = Vocab(sorted(set("".join(train_lines + val_lines))), max(map(len, train_lines)))
-    vocab.save(ctx.run.path(VOCAB_FILE))
-    atomic_write_text(ctx.run.path(TRAIN_NAMES_FILE), "\n".join(train_lines) + "\n")
+    vocab.save(ctx.run.file(VOCAB_FILE))
+    atomic_write_text(ctx.run.file(TRAIN_NAMES_FILE), "\n".join(train_lines) + "\n")
     ctx.reporter.info(f"{len(train_lines)} training names, {len(val_lines)} held out, {vocab.size} tokens")
 
     length = max(map(len, train_lines + val_lines)) + 1
@@ -368,10 +368,10 @@ def train(ctx: Context) -> dict:
 
 def _load(ctx: Context):
     """The run's model, vocabulary and training names (in their training order)."""
-    vocab = Vocab.load(ctx.run.path(VOCAB_FILE))
+    vocab = Vocab.load(ctx.run.file(VOCAB_FILE))
     model = training.load_model(ctx.model_path, "names")
     try:
-        train_lines = ctx.run.path(TRAIN_NAMES_FILE).read_text(encoding="utf-8").splitlines()
+        train_lines = ctx.run.file(TRAIN_NAMES_FILE).read_text(encoding="utf-8").splitlines()
     except OSError:
         raise UsageError(f"run {ctx.run.dir} has no {TRAIN_NAMES_FILE}; train it again") from None
     return model, vocab, train_lines
@@ -489,6 +489,19 @@ def view_next_char(ctx: Context) -> Path:
     return save_figure(fig, ctx.view_path("names-next-char"))
 
 
+# What this task's own config keys mean (and its own meaning of shared ones), for
+# `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
+KEY_HELP = {
+    "dataset": "census (US first names, the default) or text:PATH, one name a line",
+    "model": "the recurrent layer: the course's simple rnn, lstm or gru",
+    "embedding": "size of each character's embedding",
+    "units": "units of each recurrent layer",
+    "layers": "how many recurrent layers are stacked",
+    "max_chars": "lines longer than this are skipped",
+    "samples": "names sampled after training for new_share and distinct_share",
+}
+
+
 TASK = TaskSpec(
     name="names",
     summary="invent names with a character-level RNN, LSTM or GRU",
@@ -513,4 +526,5 @@ TASK = TaskSpec(
         "names-next-char": View(view_next_char, "the predicted next-character distribution along a name",
                                 options={"name": Option(str, "", "the name to follow (default: a training name)")}),
     },
+    key_help=KEY_HELP,
 )

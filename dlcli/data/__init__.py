@@ -1,0 +1,2 @@
+"""Reading data: the `--dataset` sources (tensorflow-datasets, folder:, npz:, text:, captions:)
+and their fast offline check (`sources`), safe image decoding (`images`), face photos (`faces`)."""

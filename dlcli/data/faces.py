@@ -1,0 +1,177 @@
+"""Face photos for the `autoencoder` and `gan` tasks: load, crop, resize, split.
+
+`--dataset lfw` (tensorflow-datasets) or `folder:PATH`, any folder of photos searched
+recursively (sub-folders allowed, labels ignored). Every photo goes through the course's
+preprocessing: the central `crop` x `crop` pixels (90 by default: the course's 80 px
+off each side of a 250x250 LFW photo; the same 90 px sit in the middle of the shared
+128x128 crops, so one number serves both), then a resize to `image_size`. A photo smaller
+than `crop` keeps its central square; `crop: 0` keeps the whole central square.
+
+The train/validation split is drawn from the seed and written to the run as
+`split.json`, so eval, predict and the views use the same held-out faces later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dlcli.data import sources as data_lib
+from dlcli.errors import UsageError
+from dlcli.data.images import read_image
+from dlcli.runs.files import atomic_write_json
+
+SPLIT_FILE = "split.json"
+
+
+def face_defaults(image_size: int) -> dict:
+    """The data keys both face tasks share."""
+    return {"image_size": image_size, "crop": 90, "val_fraction": 0.1, "limit": 0}
+
+
+def preprocess(image: np.ndarray, crop: int, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> the central crop x crop square resized to size x size, uint8."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = min(h, w) if crop <= 0 else min(crop, h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top: top + side, left: left + side]
+    if side != size:
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.LANCZOS))
+    return square
+
+
+def read_face(path: str | Path, cfg: dict) -> np.ndarray:
+    """One user photo, preprocessed like the training data (UsageError if unreadable)."""
+    return preprocess(read_image(path, mode="RGB"), cfg["crop"], cfg["image_size"])
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image file under `folder`, recursively, in a fixed (sorted) order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UsageError(f"{folder}: no such folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in data_lib.IMAGE_SUFFIXES)
+    if not files:
+        raise UsageError(f"{folder} holds no images ({', '.join(data_lib.IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_faces(paths: list[Path], cfg: dict) -> np.ndarray:
+    """Read and preprocess many photos in a few threads (Pillow decodes without the GIL)."""
+    with ThreadPoolExecutor(4) as pool:
+        faces = list(pool.map(lambda p: read_face(p, cfg), paths))
+    size = cfg["image_size"]
+    return np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
+
+
+def _tfds_faces(name: str, cfg: dict) -> tuple[list[str], np.ndarray]:
+    builder = data_lib.tfds_builder(name, cfg["data_dir"])
+    split = data_lib.pick_split(list(builder.info.splits.keys()), ("train",), name)
+    faces, ids = [], []
+    for i, example in enumerate(builder.as_dataset(split=split).as_numpy_iterator()):
+        if cfg["limit"] and i >= cfg["limit"]:
+            break
+        faces.append(preprocess(example["image"], cfg["crop"], cfg["image_size"]))
+        ids.append(f"{name}:{i}")
+    return ids, np.stack(faces)
+
+
+def load_faces(cfg: dict) -> tuple[list[str], np.ndarray]:
+    """(ids, uint8 faces (N, size, size, 3)) of the configured data set, in a fixed order."""
+    kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "folder"))
+    if kind == "tfds":
+        return _tfds_faces(value, cfg)
+    files = list_images(value)
+    if cfg["limit"]:
+        files = files[: cfg["limit"]]
+    ids = [str(p.relative_to(value)) for p in files]
+    return ids, read_faces(files, cfg)
+
+
+def split_ids(ids: list[str], fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices: a permutation drawn from the seed."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"val_fraction must be between 0 and 1, got {fraction}")
+    n_val = max(1, int(round(len(ids) * fraction)))
+    if len(ids) - n_val < 1:
+        raise UsageError(f"{len(ids)} faces are too few to split into training and validation")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _dataset_key(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("dataset", "crop", "image_size", "limit")}
+
+
+def load_split(cfg: dict, run) -> dict:
+    """train/val faces of the run: its saved split where it matches the data, else a new one
+    (saved when the run has none)."""
+    ids, faces = load_faces(cfg)
+    saved_path = run.file(SPLIT_FILE)
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+    if saved and saved.get("data") == _dataset_key(cfg):
+        index = {name: i for i, name in enumerate(ids)}
+        missing = [n for n in saved["val"] + saved["train"] if n not in index]
+        if missing:
+            raise UsageError(f"{cfg['dataset']} lacks {len(missing)} faces of the run's split, e.g. {missing[0]}")
+        train = np.array([index[n] for n in saved["train"]], dtype=np.int64)
+        val = np.array([index[n] for n in saved["val"]], dtype=np.int64)
+    else:
+        train, val = split_ids(ids, cfg["val_fraction"], cfg["seed"])
+        if saved is None:
+            atomic_write_json(saved_path, {
+                "data": _dataset_key(cfg), "seed": cfg["seed"],
+                "train": [ids[i] for i in train], "val": [ids[i] for i in val],
+            })
+    return {"x_train": faces[train], "x_val": faces[val],
+            "train_ids": [ids[i] for i in train], "val_ids": [ids[i] for i in val]}
+
+
+def eval_faces(cfg: dict, run, other_data: bool, reporter=None) -> tuple[np.ndarray, str]:
+    """(faces, metric prefix) that `eval` scores.
+
+    On the run's own data: its held-out faces, prefix "val_". On other data (`eval --dataset
+    OTHER`, see `Context.on_other_data`): every face of it, prefix "" -- the run's seed has
+    nothing to hold out there, and the run's `limit` (a cap on its training data) does not
+    apply either.
+    """
+    if not other_data:
+        return load_split(cfg, run)["x_val"], "val_"
+    _, x = load_faces({**cfg, "limit": 0})
+    if reporter is not None:
+        reporter.info(f"evaluating all {len(x)} faces of {cfg['dataset']} (not the run's training data)")
+    return x, ""
+
+
+def folder_fingerprint(files: list[Path]) -> str:
+    """A hash of names, sizes and times: a cached index is reused only for the same files."""
+    digest = hashlib.sha1()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_png(image: np.ndarray, path: Path, scale: int = 1) -> Path:
+    """A uint8 image as PNG (optionally enlarged, nearest neighbour, so pixels stay visible)."""
+    from PIL import Image
+
+    from dlcli.runs.files import atomic_write
+
+    pic = Image.fromarray(np.asarray(image, np.uint8))
+    if scale > 1:
+        pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+    return atomic_write(Path(path), lambda tmp: pic.save(tmp, format="PNG"))
+
+
+
+
+def to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Floats on [low, high] -> uint8 pixels (clipped)."""
+    return np.clip((np.asarray(x, np.float32) - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)

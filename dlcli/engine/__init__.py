@@ -1,0 +1,3 @@
+"""The training engine every Keras task shares: the training loop (`training`), seeding,
+precision, learning-rate schedules, the TF_CONFIG cluster, signals, rich progress, lazy
+imports, and every use of a private Keras or TensorFlow API (`keras_workarounds`)."""

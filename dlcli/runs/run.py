@@ -1,0 +1,350 @@
+"""Run directories: where a training run keeps everything it makes.
+
+    checkpoints/<task>/<run>/
+        config.yaml      the resolved configuration
+        model.keras      the trained model (model.npz for NumPy tasks)
+        history.csv      one row per completed epoch
+        metrics.json     final metrics; its presence marks the run as finished
+        backup/          per-epoch checkpoints that --resume continues from
+        logs/            TensorBoard event files
+        views/           pictures made by `dlcli visualize`
+
+Every file is written atomically (`dlcli.runs.files`), so a crash or a full disk leaves
+either the old complete file or the new complete one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from dlcli.errors import RunError, UsageError
+from dlcli.runs.files import (
+    _describe_os_error, atomic_write_json, atomic_write_text, fault_point, fsync_file,
+)
+
+DEFAULT_ROOT = Path("checkpoints")
+KEEP_BACKUPS = 2
+MAX_NAME = 100  # run names: file names stay far below every file system's limit
+
+class Run:
+    """One training run of one task, on disk: `path` is its folder, `config` its resolved
+    configuration and `metrics` its final metrics (empty until it has finished).
+
+    Example:
+        >>> run = Run("linear", Path("checkpoints/linear/20261202-101500"))
+        >>> run.name, run.file("model.npz").name
+        ('20261202-101500', 'model.npz')
+    """
+
+    def __init__(self, task: str, directory: Path):
+        self.task = task
+        self.dir = Path(directory)
+        self._lock_fh = None
+        self._metrics: dict | None = None
+
+    name = property(lambda self: self.dir.name)
+    config_path = property(lambda self: self.dir / "config.yaml")
+    history_path = property(lambda self: self.dir / "history.csv")
+    metrics_path = property(lambda self: self.dir / "metrics.json")
+    backup_dir = property(lambda self: self.dir / "backup")
+    logs_dir = property(lambda self: self.dir / "logs")
+    views_dir = property(lambda self: self.dir / "views")
+
+    path = property(lambda self: self.dir)
+
+    def file(self, name: str) -> Path:
+        """A file of the run by its name (`run.file("model.keras")`)."""
+        return self.dir / name
+
+    @property
+    def config(self) -> dict:
+        return self.read_config() if self.config_path.exists() else {}
+
+    @property
+    def metrics(self) -> dict:
+        """The final metrics: what this process trained, else metrics.json (without its `task`
+        key); {} while unfinished."""
+        if self._metrics is not None:
+            return self._metrics
+        data = self.read_json("metrics.json", {}) if self.finished else {}
+        return {k: v for k, v in data.items() if k != "task"} if isinstance(data, dict) else {}
+
+    @metrics.setter
+    def metrics(self, values: dict) -> None:
+        self._metrics = dict(values)
+
+    def __repr__(self) -> str:
+        return f"Run(task={self.task!r}, path={str(self.dir)!r})"
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics_path.exists()
+
+    # -- creating and finding -------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, task: str, name: str | None = None) -> "Run":
+        """A new run directory; without a name, a time stamp made unique by a suffix
+        (-2, -3, ...) when runs start in the same second (mkdir decides, so no race)."""
+        if name is None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for i in range(1, 1000):
+                directory = Path(root) / task / (stamp if i == 1 else f"{stamp}-{i}")
+                try:
+                    directory.mkdir(parents=True)
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise RunError(_describe_os_error(exc, directory)) from None
+                return cls(task, directory)
+            raise RunError(f"cannot find a free run name for {stamp} in {Path(root) / task}; pass --run NAME")
+        _check_name(name)
+        directory = Path(root) / task / name
+        if directory.exists() and any(directory.iterdir()):
+            raise UsageError(
+                f"run directory {directory} already exists; use --resume to continue it "
+                "or --run NAME for a new run"
+            )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(_describe_os_error(exc, directory)) from None
+        return cls(task, directory)
+
+    @classmethod
+    def find(cls, root: Path, task: str, name: str | None = None, finished: bool = True) -> "Run":
+        """The named run, or the newest (finished) run of the task."""
+        task_dir = Path(root) / task
+        if name:
+            _check_name(name)
+            run = cls(task, task_dir / name)
+            if not run.dir.is_dir():
+                raise UsageError(f"no run {name!r} of task {task} in {task_dir}")
+            if finished and not run.finished:
+                raise UsageError(
+                    f"run {run.dir} has not finished training; resume it with "
+                    f"`dlcli train {task} --run {name} --resume`"
+                )
+            return run
+        runs = [r for r in cls.all(root, task) if r.finished or not finished]
+        if not runs:
+            what = "finished run" if finished else "run"
+            raise UsageError(
+                f"no {what} of task {task} in {task_dir}; train one with `dlcli train {task}`"
+            )
+        return runs[-1]
+
+    @classmethod
+    def all(cls, root: Path, task: str) -> list["Run"]:
+        """The task's runs, oldest first (by the time their directory last changed)."""
+        task_dir = Path(root) / task
+        if not task_dir.is_dir():
+            return []
+        runs = [cls(task, d) for d in task_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        return sorted(runs, key=lambda r: (r._stamp(), r.name))
+
+    def _stamp(self) -> float:
+        marker = self.metrics_path if self.finished else self.dir
+        return marker.stat().st_mtime
+
+    # -- locking --------------------------------------------------------------
+
+    def lock(self) -> "Run":
+        """Refuse a second process on the same run directory; then remove the temporary
+        files a killed process left (holding the lock, no one else is writing them)."""
+        try:
+            fh = open(self.dir / ".lock", "a+")
+        except OSError as exc:
+            raise RunError(_describe_os_error(exc, self.dir / ".lock")) from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise UsageError(f"run {self.dir} is in use by {owner}; wait for it or pick another --run")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+        self.remove_leftovers()
+        return self
+
+    def remove_leftovers(self) -> None:
+        """Temporary files (`.NAME.tmp-PID`) and checkpoint directories a killed process left."""
+        for folder in (self.dir, self.views_dir):
+            for leftover in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        if self.backup_dir.is_dir():
+            for leftover in self.backup_dir.glob(".*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def unlock(self) -> None:
+        if self._lock_fh:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # -- reading and writing ---------------------------------------------------
+
+    def write_config(self, cfg: dict) -> None:
+        atomic_write_text(self.config_path, yaml.safe_dump(cfg, sort_keys=False))
+
+    def read_config(self) -> dict:
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not text (UnicodeDecodeError)
+            raise UsageError(f"run {self.dir} has no readable config.yaml") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{self.config_path} is not a configuration")
+        return data
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.metrics_path, {"task": self.task, **metrics})
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """A JSON file saved with the run (classes, vocabulary); `default` where it is absent."""
+        path = self.file(name)
+        if not path.exists():
+            if default is not None:
+                return default
+            raise UsageError(f"run {self.dir} has no {name}; was it trained by {self.task}?")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{path} is corrupt (not JSON)") from None
+
+    def write_history(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        buf = io.StringIO()
+        if rows:
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(buf, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_text(self.history_path, buf.getvalue())
+
+    def read_history(self) -> list[dict]:
+        if not self.history_path.exists():
+            return []
+        with open(self.history_path, newline="") as fh:
+            return [
+                {k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)
+            ]
+
+    # -- per-epoch checkpoints for --resume ----------------------------------------------
+
+    def latest_backup(self) -> Path | None:
+        """The newest complete checkpoint directory under backup/, if any.
+
+        Names sort in training order: epoch-0003 (3 epochs done) < epoch-0003-step-000100
+        (and 100 steps of the 4th) < epoch-0004.
+        """
+        if not self.backup_dir.is_dir():
+            return None
+        done = sorted(d for d in self.backup_dir.glob("epoch-*") if (d / "state.json").exists())
+        return done[-1] if done else None
+
+    def refuse_if_done(self, epochs_done: int, epochs: int) -> None:
+        """On --resume: refuse a run with no epoch left to train, except one that was stopped
+        after its last checkpoint and before its final metrics (resuming finishes it)."""
+        if epochs_done < epochs or (epochs_done == epochs and not self.finished):
+            return
+        raise UsageError(
+            f"run {self.dir} has already done {epochs_done} epochs; pass --epochs N with N > {epochs_done} to train on"
+        )
+
+    def read_backup_state(self, backup: Path) -> dict:
+        try:
+            return json.loads((backup / "state.json").read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"checkpoint {backup} is corrupt (unreadable state.json)") from None
+
+    def save_backup(
+        self,
+        epochs_done: int,
+        history: list[dict],
+        files: dict[str, Callable[[Path], Any]],
+        steps_done: int = 0,
+        extra: dict | None = None,
+    ) -> Path:
+        """Write a checkpoint directory completely (each `files` writer, then state.json),
+        then rename it into place, so a crash never leaves a torn checkpoint."""
+        name = f"epoch-{epochs_done:04d}" + (f"-step-{steps_done:06d}" if steps_done else "")
+        final = self.backup_dir / name
+        tmp = self.backup_dir / f".{name}.tmp-{os.getpid()}"
+        state = {"epochs_done": epochs_done, "steps_done": steps_done, "history": history, **(extra or {})}
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for file_name, write in files.items():
+                write(tmp / file_name)
+                fault_point("write", tmp / file_name)
+                fsync_file(tmp / file_name)
+                fault_point("fsync", tmp / file_name)
+            with open(tmp / "state.json", "w") as fh:
+                json.dump(state, fh)
+                fh.flush()
+                fault_point("write", tmp / "state.json")
+                os.fsync(fh.fileno())
+            fault_point("fsync", tmp / "state.json")
+            if final.exists():
+                self._discard(final)
+            os.replace(tmp, final)
+            fault_point("rename", final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
+        for older in sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS]:
+            self._discard(older)
+        # Temporary and half-deleted directories a killed process left (the lock makes them stale).
+        for leftover in self.backup_dir.glob(".*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return final
+
+    def _discard(self, checkpoint: Path) -> None:
+        """Rename a checkpoint out of sight first, so a crash while deleting it leaves no
+        visible half-deleted directory, only a hidden one that the next save removes."""
+        trash = checkpoint.with_name(f".trash-{checkpoint.name}-{os.getpid()}")
+        os.replace(checkpoint, trash)
+        fault_point("rename", trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        fault_point("delete", trash)
+
+    def views_path(self, view: str, suffix: str = ".png") -> Path:
+        try:
+            self.views_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(_describe_os_error(exc, self.views_dir)) from None
+        return self.views_dir / f"{view}{suffix}"
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name or "") or len(name) > MAX_NAME:
+        shown = name if len(name or "") <= 40 else name[:40] + "..."
+        raise UsageError(f"invalid run name {shown!r}: use up to {MAX_NAME} letters, digits, '-', '_' and '.', "
+                         "not starting with '.'")
