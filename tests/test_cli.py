@@ -324,3 +324,15 @@ def test_the_old_checkpoint_dir_option_still_names_the_runs_folder_but_is_not_sh
     assert "--runs-dir" in shown and "--checkpoint-dir" not in shown
     after_dashes = cli.runner.invoke(app, ["predict", "linear", "--checkpoint-dir", str(tmp_path / "old"), "--", "--checkpoint-dir"])
     assert "--checkpoint-dir" in after_dashes.stderr  # after `--` it is an input, as written
+
+
+def test_tasks_at_80_columns_cuts_nothing(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    shown = cli("tasks").stdout
+    assert "…" not in shown and max(len(line) for line in shown.splitlines()) <= 80
+    flat = " ".join(shown.split())
+    from dlcli.tasks import TASK_NAMES, get_task
+
+    for name in TASK_NAMES:  # every view and default data set whole, though wrapped
+        task = get_task(name)
+        assert all(view in flat for view in task.views) and task.default_dataset in flat
