@@ -106,7 +106,7 @@ def train_specs(tmp: Path, shared: Path | None, quick: bool, epochs: int) -> dic
 
 
 def dlcli_train(task, spec, ckpt: Path, run_name: str, timeout=600):
-    args = ["train", task, "--checkpoint-dir", str(ckpt), "--run", run_name, "--json"]
+    args = ["train", task, "--runs-dir", str(ckpt), "--run", run_name, "--json"]
     for k, v in spec["flags"].items():
         args += ["--set", f"{k}={v}"] if k not in ("epochs", "dataset") else [f"--{k}", str(v)]
     return run_measured(dlcli_cmd(*args), timeout=timeout)
@@ -267,7 +267,7 @@ def bench_startup(repeats):
         "python -c pass": [PYTHON, "-c", "pass"],
         'python -c "import tensorflow"': [PYTHON, "-c", "import tensorflow"],
         "dlcli --help": dlcli_cmd("--help"),
-        "dlcli tasks": dlcli_cmd("tasks", "--checkpoint-dir", tempfile.gettempdir() + "/dlcli-bench-none"),
+        "dlcli tasks": dlcli_cmd("tasks", "--runs-dir", tempfile.gettempdir() + "/dlcli-bench-none"),
     }
 
     def timed(cmd):

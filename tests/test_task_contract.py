@@ -115,3 +115,21 @@ def test_the_contract_module_is_the_bottom_floor():
     assert dlcli_imports(contract) == {"dlcli.errors", "dlcli.config", "dlcli.data.sources"}
     assert dlcli_imports(data) <= {"dlcli.errors", "dlcli.engine.lazy"} and dlcli_imports(errors) == set()
     assert dataclasses.is_dataclass(contract.TaskSpec)
+
+
+def test_a_task_of_another_package_joins_through_its_entry_point(tmp_path, monkeypatch, cli):
+    """A package declares `[project.entry-points."dlcli.tasks"] plugged = "its.module"`: the
+    registry lists it and runs it like a built-in task."""
+    from importlib.metadata import EntryPoint
+
+    module = _module(tmp_path, monkeypatch, "plugged")
+    declared = [EntryPoint(name="plugged", value=module, group=tasks.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: declared if group == tasks.ENTRY_POINT_GROUP else [])
+    before = list(tasks.TASK_NAMES)  # the list every module shares: changed in place, and restored
+    tasks._installed_tasks()
+    try:
+        assert tasks.TASK_NAMES[-1] == "plugged" and tasks.get_task("plugged").name == "plugged"
+        assert "plugged" in cli("tasks").stdout
+    finally:
+        tasks.remove_task("plugged")
+        tasks.TASK_NAMES[:] = before
