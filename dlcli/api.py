@@ -123,7 +123,8 @@ def _remove_empty_parents(run_dir: Path, root: Path) -> None:
 def _run_config(task: str, run: Run, overrides: Mapping[str, Any]) -> dict:
     """A trained run's config with the call's overrides (eval's --dataset, predict's --seed)."""
     spec = get_task(task)
-    return config_lib.resolve(spec.defaults, base=run.config, flags=overrides, choices=spec.choices)
+    base = config_lib.check_saved(spec.defaults, run.config, spec.choices, run.config_path)
+    return config_lib.resolve(spec.defaults, base=base, flags=overrides, choices=spec.choices)
 
 
 # -- train ---------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def _train_config(spec: TaskSpec, config, root: Path, run_name: str | None, resu
     if run is not None and (run.config_path.exists() or run.latest_backup() is not None):
         if config:
             raise UsageError("--config cannot change a run being resumed; use --set or flags")
-        cfg = config_lib.resolve(spec.defaults, sets=sets, flags=overrides, choices=spec.choices, base=run.read_config())
+        base = config_lib.check_saved(spec.defaults, run.read_config(), spec.choices, run.config_path)
+        cfg = config_lib.resolve(spec.defaults, sets=sets, flags=overrides, choices=spec.choices, base=base)
     else:  # a new run, or one stopped before its config was saved (nothing trained yet: start it afresh)
         cfg = config_lib.resolve(spec.defaults, config, sets, overrides, spec.choices)
     return cfg, run

@@ -21,13 +21,32 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from dlcli.errors import UsageError
+from dlcli.data.files import NotRegularFile, open_regular
 from dlcli.engine.precision import PRECISIONS
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class _Loader(yaml.SafeLoader):
-    """The safe loader, but `1e-3` is a number (YAML 1.1 wants `1.0e-3`; YAML 1.2 and people don't)."""
+    """The safe loader, but `1e-3` is a number (YAML 1.1 wants `1.0e-3`; YAML 1.2 and people don't),
+    and a key given twice in one mapping is an error (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: keys given beside it override the merged ones
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
+                                                            key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOAT.pattern})$"), list("-+0123456789."))
@@ -145,7 +164,7 @@ def parse_set(expr: str) -> tuple[str, Any]:
         raise UsageError(f"--set expects key=value, got {expr!r}")
     try:
         value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     if isinstance(value, (dict, list)) and not raw.strip().startswith(("[", "{")):
         value = raw
@@ -157,7 +176,10 @@ def parse_set(expr: str) -> tuple[str, Any]:
 def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open_regular(path, text=True) as fh:  # a FIFO is refused, never waited on
+            text = fh.read()
+    except NotRegularFile as exc:
+        raise UsageError(f"config file {path} is {exc.kind}, not a regular file") from None
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -167,7 +189,10 @@ def load_config_file(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise UsageError(f"config file {path} is not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        raise UsageError(f"config file {path} is not valid YAML{where}" + (f": {problem}" if problem else "")) from None
+    except RecursionError:  # nested thousands of levels deep
+        raise UsageError(f"config file {path} is not valid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -290,6 +315,16 @@ def resolve(
         for key, value in layer.items():
             _set_dotted(merged, defaults, key, value)
     return validate(merged, defaults, choices)
+
+
+def check_saved(defaults: Mapping, saved: Mapping, choices: Mapping[str, list] | None, where: str | Path) -> Mapping:
+    """A run's saved configuration, checked on its own, so that a damaged file is named as such
+    (not taken for a bad flag); returns it unchanged."""
+    try:
+        resolve(defaults, base=saved, choices=choices)
+    except UsageError as exc:
+        raise UsageError(f"{where} is not a valid configuration of this task ({exc})") from None
+    return saved
 
 
 def to_yaml(cfg: Mapping) -> str:

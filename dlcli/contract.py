@@ -166,6 +166,7 @@ class Context:
     out: Path | None = None
     strategy: Any = None  # a tf.distribute strategy, or None for the default
     resume_from: Any = None  # on a non-chief worker: the chief's run, whose checkpoints it loads
+    continuing: bool = False  # a later stage of this same command goes on from its own checkpoint (no "resuming")
 
     @property
     def model_path(self) -> Path:

@@ -41,8 +41,9 @@ def test_no_checkpoint_holds_non_finite_weights_and_the_named_one_is_good(cli, d
     result = cli("train", *data, "--lr", "1e9", "--resume", expect=1)  # diverges within 5 steps of epoch 2
     assert "NaN or infinite in epoch 2" in result.stderr
     backup = cli.root / "mnist" / "nan" / "backup"
-    named = result.stderr.split("the last good checkpoint is ")[1].split(" (try")[0]
+    named = result.stderr.split("the last sound checkpoint is ")[1].split(";")[0].split(" (")[0]
     assert named == str(Run("mnist", cli.root / "mnist" / "nan").latest_backup())
+    assert result.stderr.strip().endswith(f"--run nan --resume --runs-dir {cli.root} --lr 0.001`")
     _finite_checkpoints(backup)
     cli("train", *data, "--lr", "0.001", "--resume", "--quiet")  # and training goes on from it
 
@@ -189,7 +190,7 @@ def test_hostile_inputs_are_one_line_and_exit_2(cli, tmp_path):
     listed = tmp_path / "listed.keras"
     with zipfile.ZipFile(listed, "w") as archive:
         archive.writestr("config.json", "[1, 2, 3]")
-    assert "no readable config.yaml" in cli("eval", "mnist", "--checkpoint", listed, expect=2).stderr
+    assert "config.yaml cannot be read as YAML" in cli("eval", "mnist", "--checkpoint", listed, expect=2).stderr
     (tmp_path / "model").mkdir()
     listed = listed.rename(tmp_path / "model" / "listed.keras")
     assert "not a Keras model file" in cli("eval", "mnist", "--checkpoint", listed, expect=2).stderr

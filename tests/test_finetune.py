@@ -38,9 +38,11 @@ def trained(tmp_path_factory):
     cli = Cli(base / "runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DLCLI_NETWORK_PROBE", "127.0.0.1:9")
-        out = cli.json("train", "finetune", "--dataset", f"folder:{folder}", "--run", "tiny", *SMALL,
-                       "--epochs", "3", "--head-epochs", "1", "--fine-tune-layers", "20")
-    return {"cli": cli, "folder": folder, "out": out, "dir": base / "runs" / "finetune" / "tiny"}
+        result = cli("train", "finetune", "--dataset", f"folder:{folder}", "--run", "tiny",
+                     *[a for a in SMALL if a != "--quiet"], "--epochs", "3", "--head-epochs", "1",
+                     "--fine-tune-layers", "20", "--json")
+    return {"cli": cli, "folder": folder, "out": json.loads(result.stdout), "said": result.stderr,
+            "dir": base / "runs" / "finetune" / "tiny"}
 
 
 def test_two_phases_in_one_history_and_it_learns(trained):
@@ -54,6 +56,11 @@ def test_two_phases_in_one_history_and_it_learns(trained):
     metrics = trained["out"]["metrics"]
     assert metrics["epochs"] == 3 and metrics["classes"] == 3
     assert metrics["val_accuracy"] > 0.6  # colours are easy; chance is 1/3
+
+
+def test_a_fresh_run_does_not_say_it_resumes_when_phase_two_starts(trained):
+    assert "phase 2: the last 20 layers of the backbone unfrozen" in " ".join(trained["said"].split())
+    assert "resuming" not in trained["said"]
 
 
 def test_phase_two_unfreezes_the_last_layers_and_keeps_batchnorm_frozen(trained):

@@ -110,10 +110,11 @@ def test_the_contract_module_is_the_bottom_floor():
                 and node.module.startswith("dlcli")}
 
     from dlcli import errors
-    from dlcli.data import sources as data
+    from dlcli.data import files, sources as data
 
     assert dlcli_imports(contract) == {"dlcli.errors", "dlcli.config", "dlcli.data.sources"}
-    assert dlcli_imports(data) <= {"dlcli.errors", "dlcli.engine.lazy"} and dlcli_imports(errors) == set()
+    assert dlcli_imports(data) <= {"dlcli.errors", "dlcli.engine.lazy", "dlcli.data.files"} and dlcli_imports(errors) == set()
+    assert dlcli_imports(files) == set()
     assert dataclasses.is_dataclass(contract.TaskSpec)
 
 

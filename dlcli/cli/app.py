@@ -11,7 +11,6 @@ import sys
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
@@ -24,10 +23,11 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from dlcli import __version__, config as config_lib
-from dlcli.cli.output import ERR
+from dlcli.cli.output import ERR, error_line
 from dlcli.contract import Option
 from dlcli.engine.interrupts import stop_by_exception
 from dlcli.engine.lazy import quiet_tensorflow
+from dlcli.engine import streams
 from dlcli.tasks import TASK_NAMES, all_views, get_task
 
 quiet_tensorflow()
@@ -62,7 +62,7 @@ class OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             message = " ".join(exc.format_message().split())
-            ERR.print(f"[red]error:[/] {escape(message)}{hint}", markup=True, highlight=False, soft_wrap=True)
+            ERR.print(f"{error_line(message)}{escape(hint)}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
             ERR.print("aborted")
@@ -105,7 +105,7 @@ class TaskHelp(TyperCommand):
             table = Table.grid(padding=(0, 2))
             for row in rows:
                 table.add_row(*row)
-            Console(highlight=False).print(Panel(table, title=title, title_align="left", border_style="dim"))
+            streams.console().print(Panel(table, title=title, title_align="left", border_style="dim"))
 
 
 def _help_extra(command: str, args: list[str]) -> tuple[str, list[tuple[str, str]]]:
@@ -178,6 +178,7 @@ def main_callback(
 
 
 def main() -> None:
+    streams.guard_standard_streams()
     stop_by_exception()
     try:
         app()
@@ -186,7 +187,10 @@ def main() -> None:
             # A failed cluster run: TensorFlow's collective ops leave thread pools whose
             # teardown at interpreter exit prints "Exception ignored in Pool.__del__" after our
             # one-line error. Everything is on disk (atomic writes), so leave at once.
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (AttributeError, OSError, ValueError):  # closed, or a reader gone
+                    pass
             os._exit(exc.code if isinstance(exc.code, int) else 1)
         raise

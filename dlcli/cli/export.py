@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from typing_extensions import Annotated
 
 from dlcli import api
 from dlcli.cli.app import TaskHelp, app
 from dlcli.cli.options import DEFAULT_RUNS_DIR, CheckpointOpt, JsonOpt, QuietOpt, RunOpt, RunsDirOpt, TaskArg
-from dlcli.cli.output import ERR, emit_json, handle_errors, reporter as make_reporter
+from dlcli.cli.output import ERR, emit_json, handle_errors, print_path, reporter as make_reporter
 
 
 @app.command("export", cls=TaskHelp)
@@ -44,4 +43,4 @@ def export_command(
     if json_mode:
         emit_json({**meta, "folder": str(path.parent)})
     elif not quiet:
-        Console().print(str(path), highlight=False)
+        print_path(path)

@@ -10,22 +10,24 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from typing import Any, Iterable
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from dlcli.engine import streams
 from dlcli.engine.progress import Reporter
 from dlcli.errors import DlcliError
 
-ERR = Console(stderr=True, highlight=False)
+ERR = streams.console(stderr=True)
 
 
 def reporter(json_mode: bool, quiet: bool) -> Reporter:
-    """The command's reporter: on stdout, or on stderr where stdout carries JSON."""
-    return Reporter(Console(stderr=json_mode, highlight=False), quiet=quiet)
+    """The command's reporter: on stdout, or on stderr where stdout carries JSON. Where
+    stdout will be written and is closed, the command stops here, before any work."""
+    if json_mode or not quiet:
+        streams.check_stdout()
+    return Reporter(streams.console(stderr=json_mode), quiet=quiet)
 
 
 def human(value: Any) -> str:
@@ -36,8 +38,17 @@ def human(value: Any) -> str:
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    streams.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error_line(message: object) -> str:
+    """One `error:` line of a message that may hold names from files: no markup, no control characters."""
+    return f"[red]error:[/] {escape(streams.printable(message))}"
+
+
+def _stopped_line(exc: KeyboardInterrupt, command: str) -> str:
+    what = "stopped by SIGTERM" if getattr(exc, "exit_code", 130) == 143 else "interrupted"
+    return f"{what}; `--resume` continues the run from its last checkpoint" if command == "train" else what
 
 
 def handle_errors(command):
@@ -47,12 +58,14 @@ def handle_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except BrokenPipeError:  # `dlcli ... | head`: the reader has what it wanted
+            streams.silence_stdout()
+            raise typer.Exit(141)
         except DlcliError as exc:
-            ERR.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            ERR.print(error_line(exc), markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            what = "stopped by SIGTERM" if getattr(exc, "exit_code", 130) == 143 else "interrupted"
-            ERR.print(f"{what}; `--resume` continues a training run from its last checkpoint")
+            ERR.print(_stopped_line(exc, command.__name__.removesuffix("_command")), markup=False)
             raise typer.Exit(getattr(exc, "exit_code", 130))
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -61,13 +74,11 @@ def handle_errors(command):
                 raise
             if isinstance(exc, OSError) and exc.strerror:  # a read-only or full disk, a missing folder
                 where = f"{exc.filename}: " if exc.filename else ""
-                ERR.print(f"[red]error:[/] {where}{exc.strerror}", markup=True, highlight=False, soft_wrap=True)
+                ERR.print(error_line(f"{where}{exc.strerror}"), markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(1)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            ERR.print(
-                f"[red]error:[/] {type(exc).__name__}: {first} (set DLCLI_DEBUG=1 for the traceback)",
-                markup=True, highlight=False, soft_wrap=True,
-            )
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no message"
+            ERR.print(error_line(f"an unexpected failure ({first}); set DLCLI_DEBUG=1 for the traceback"),
+                      markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
     return wrapper
@@ -79,26 +90,29 @@ def print_predictions(rows: Iterable[dict], reporter: Reporter, json_mode: bool,
         rows = list(rows)
         emit_json(rows)
     failed = total = 0
-    try:
-        for row in rows:
-            total += 1
-            if "error" in row:
-                failed += 1
-                ERR.print(f"[red]error:[/] {escape(row['error'])}", markup=True, highlight=False, soft_wrap=True)
-            if jsonl:
-                sys.stdout.write(json.dumps(row, default=str) + "\n")
-                sys.stdout.flush()
-            elif not json_mode and "error" not in row:
-                shown = row.get("text") or "  ".join(f"{k} {human(v)}" for k, v in row.items() if k not in ("input", "note"))
-                if row.get("note"):
-                    shown += f"  ({row['note']})"
-                # one line per input, never wrapped: scripts read it line by line
-                reporter.console.print(f"{row['input']}: {shown}" if "input" in row else shown, highlight=False,
-                                       markup=False, soft_wrap=True)
-    except BrokenPipeError:  # `dlcli predict ... --jsonl | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(141)
+    for row in rows:  # a reader that went away (`| head`): handle_errors exits 141
+        total += 1
+        if "error" in row:
+            failed += 1
+            ERR.print(error_line(row["error"]), markup=True, highlight=False, soft_wrap=True)
+        if jsonl:
+            streams.write(json.dumps(row, default=str) + "\n")
+        elif not json_mode and "error" not in row:
+            streams.write(human_row(row) + "\n")  # one line per input, never wrapped: scripts read it line by line
     if failed:
         ERR.print(f"{failed} of {total} inputs failed", highlight=False)
         raise typer.Exit(2)
 
+
+
+def human_row(row: dict) -> str:
+    """A prediction as one line, its names (file, class, caption) with control characters escaped."""
+    shown = row.get("text") or "  ".join(f"{k} {human(v)}" for k, v in row.items() if k not in ("input", "note"))
+    if row.get("note"):
+        shown += f"  ({row['note']})"
+    return streams.printable(f"{row['input']}: {shown}" if "input" in row else shown)
+
+
+def print_path(path) -> None:
+    """A written file's path on stdout (export, visualize), escaped like every name."""
+    streams.write(streams.printable(path) + "\n")

@@ -8,6 +8,7 @@ import typer
 from typing_extensions import Annotated
 
 from dlcli import api
+from dlcli.engine import streams
 from dlcli.cli.app import TaskHelp, app
 from dlcli.cli.options import (
     DEFAULT_RUNS_DIR, EXTRA_ARGS, CheckpointOpt, JsonOpt, OutOpt, QuietOpt, RunOpt, RunsDirOpt, SampleSeedOpt, TaskArg,
@@ -52,6 +53,7 @@ def predict_command(
     options, files = parse_task_options(tokens, task.predict_options, f"`dlcli predict {task_name}`")
     if json_mode and jsonl:
         raise UsageError("--json and --jsonl exclude each other: one document, or one object a line")
+    streams.check_stdout()  # predictions are always printed: refuse before any work where they cannot be
     reporter = make_reporter(json_mode or jsonl, quiet)
     rows = api.predict(task_name, files, run=run_name, runs_dir=runs_dir, checkpoint=checkpoint, seed=seed,
                        engine=engine, out=out, reporter=reporter, **options)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
@@ -15,6 +14,7 @@ from dlcli import config as config_lib
 from dlcli.cli.app import TaskHelp, app, shown_default
 from dlcli.cli.options import DEFAULT_RUNS_DIR, JsonOpt, RunsDirOpt, complete_task
 from dlcli.cli.output import emit_json, handle_errors
+from dlcli.engine import streams
 from dlcli.runs.run import Run
 from dlcli.tasks import TASK_NAMES, get_task
 
@@ -60,10 +60,10 @@ def tasks_command(
         details = (f"{escape(row['summary'])}\n[dim]data[/] {escape(row['dataset'])}   "
                    f"[dim]views[/] {escape(', '.join(row['views']))}   "
                    f"[dim]export[/] {'yes' if row['exports'] else 'no'}   "
-                   f"[dim]trained[/] {escape(row['trained']) if row['trained'] else 'no'}")
+                   f"[dim]trained[/] {escape(streams.printable(row['trained'])) if row['trained'] else 'no'}")
         grid.add_row(row["task"], details)
         grid.add_row("", "")
-    console = Console(highlight=False)
+    console = streams.console()
     console.print(grid)
     console.print(f"Any task's run also has the view{'s' if len(generic) > 1 else ''} [bold]{', '.join(generic)}[/]. "
                   "`dlcli tasks TASK` shows a task's config keys and options.")
@@ -90,7 +90,7 @@ def _describe_task(task_name: str, json_mode: bool) -> None:
     if json_mode:
         emit_json(info)
         return
-    console = Console(highlight=False)
+    console = streams.console()
     console.print(f"[bold]{task_name}[/]: {escape(task.summary)}\n")
     keys = Table(title="config keys (`--set KEY=VALUE`; top-level keys also as `--KEY VALUE`)", title_justify="left",
                  header_style="bold", box=None, padding=(0, 1))

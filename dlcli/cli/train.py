@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import typer
 from typing_extensions import Annotated
@@ -15,6 +14,7 @@ from dlcli.cli.options import (
 )
 from dlcli.cli.output import emit_json, handle_errors, reporter as make_reporter
 from dlcli.cli.parsing import config_flags
+from dlcli.engine import streams
 from dlcli.tasks import get_task
 
 
@@ -50,7 +50,7 @@ def train_command(
     flags = {k: v for k, v in flags.items() if v is not None}
     options = dict(config=config_file, runs_dir=runs_dir, run=run_name, resume=resume, sets=sets or [], **flags)
     if print_config:
-        sys.stdout.write(config_lib.to_yaml(api.train_config(task_name, **options)))
+        streams.write(config_lib.to_yaml(api.train_config(task_name, **options)))
         return
     reporter = make_reporter(json_mode, quiet)
     run = api.train(task_name, reporter=reporter, **options)

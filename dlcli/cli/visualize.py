@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 from typing_extensions import Annotated
 
 from dlcli import api
@@ -14,7 +13,7 @@ from dlcli.cli.options import (
     DEFAULT_RUNS_DIR, EXTRA_ARGS, CheckpointOpt, DataDirOpt, DatasetOpt, JsonOpt, OutOpt, QuietOpt, RunOpt, RunsDirOpt,
     complete_task, complete_view,
 )
-from dlcli.cli.output import emit_json, handle_errors, reporter as make_reporter
+from dlcli.cli.output import emit_json, handle_errors, print_path, reporter as make_reporter
 from dlcli.cli.parsing import parse_task_options
 from dlcli.errors import UsageError
 from dlcli.tasks import all_views
@@ -60,4 +59,4 @@ def visualize_command(
     if json_mode:
         emit_json({"view": view_name, "task": task, "run": str(run.dir), "path": str(path)})
     elif not quiet:
-        Console().print(str(path), highlight=False)
+        print_path(path)

@@ -114,7 +114,14 @@ def load_split(cfg: dict, run) -> dict:
     (saved when the run has none)."""
     ids, faces = load_faces(cfg)
     saved_path = run.file(SPLIT_FILE)
-    saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+    try:
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+    except (OSError, ValueError, RecursionError):
+        raise UsageError(f"{saved_path} is corrupt (not JSON)") from None
+    if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("data"), dict)
+                                  and all(isinstance(saved.get(k), list) and all(isinstance(n, str) for n in saved[k])
+                                          for k in ("train", "val"))):
+        raise UsageError(f"{saved_path} is not a split of the faces (lists of train and val names)")
     if saved and saved.get("data") == _dataset_key(cfg):
         index = {name: i for i, name in enumerate(ids)}
         missing = [n for n in saved["val"] + saved["train"] if n not in index]

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from dlcli.errors import UsageError
+from dlcli.data.files import NotRegularFile, open_regular
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,12 +64,14 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     """The image as a uint8 array (H, W, 3) for RGB or (H, W) for "L"."""
     from PIL import Image, UnidentifiedImageError
 
-    try:  # open first and ask why only when it fails: one system call per good file, not four
-        fh = open(path, "rb")
+    try:  # open first and ask why only when it fails: two system calls per good file, not four
+        fh = open_regular(path)  # never waits on a FIFO, never reads a device
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, not an image") from None
+    except NotRegularFile as exc:
+        raise UsageError(f"{path}: not a regular file ({exc.kind})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read image ({exc.strerror or exc})") from None
     try:
@@ -109,7 +112,7 @@ def read_many(paths: Iterable[str], read: Callable[[str], np.ndarray]) -> tuple[
         except UsageError as exc:
             return path, None, str(exc)
         except Exception as exc:  # one bad input never costs the others their prediction
-            return path, None, f"{path}: cannot use this image ({type(exc).__name__}: {exc})"
+            return path, None, f"{path}: cannot use this image ({exc or 'no reason given'})"
 
     good, arrays, failures = [], [], []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -122,11 +125,21 @@ def read_many(paths: Iterable[str], read: Callable[[str], np.ndarray]) -> tuple[
     return good, arrays, failures
 
 
+def check_class_count(classes: list[str], count: int) -> None:
+    """Refuse class names that do not name each of the model's `count` outputs (a run's
+    classes.json edited or of another model): exit 2, naming the file."""
+    if hasattr(classes, "check_count"):
+        classes.check_count(count)
+    elif len(classes) != count:
+        raise UsageError(f"the class names are {len(classes)}, the model's outputs {count}")
+
+
 def ranked_rows(paths: list[str], probs: np.ndarray, classes: list[str], k: int, key: str = "class") -> list[dict]:
     """One row per image: its best class and probability, and the k best where k > 1."""
+    probs = np.asarray(probs)
+    check_class_count(classes, probs.shape[-1])
     k = max(1, min(k, len(classes)))
     rows = []
-    probs = np.asarray(probs)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # one sort for the batch
     best = np.take_along_axis(probs, order, axis=1).astype(np.float64).tolist()  # Python floats, at once
     for path, p, top in zip(paths, best, order.tolist()):

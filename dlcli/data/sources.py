@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.errors import RunError, UsageError
+from dlcli.data.files import NotRegularFile, check_regular
 from dlcli.engine.lazy import lazy_import
 
 tf = lazy_import("tensorflow")
@@ -99,6 +100,10 @@ def check_dataset(task: str, spec: str, rules=None, training: bool = True) -> No
     if kind in ("npz", "text"):
         if path.is_dir():
             raise UsageError(f"--dataset {spec!r}: {path} is a directory; {kind}: takes a file")
+        try:
+            check_regular(path)  # a FIFO or a device would be waited on, or read without end
+        except NotRegularFile as exc:
+            raise UsageError(f"--dataset {spec!r}: {path} is {exc.kind}, not a regular file") from None
         if path.stat().st_size == 0:
             raise UsageError(f"--dataset {spec!r}: {path} is an empty file")
     if kind == "npz":
@@ -242,6 +247,19 @@ def pick_split(available, wanted: tuple[str, ...], what: str) -> str:
         if name in available:
             return name
     raise UsageError(f"{what} has no split named {' or '.join(wanted)} (it has {', '.join(available)})")
+
+
+def held_out_count(val_size: int, n: int, say=None, minimum: int = 0) -> int:
+    """How many of `n` training examples `val_size` holds out: at most a fifth of them (the
+    default suits the full data set, and a small one of your own must keep most for training),
+    and `say` is told where that cuts it."""
+    cap = max(minimum, n // 5)
+    if val_size > cap:
+        if say is not None:
+            say(f"holding out {cap} of the {n} training examples for validation, not val_size {val_size} "
+                "(at most a fifth of them)")
+        return cap
+    return max(val_size, minimum)
 
 
 TEST_SPLITS = ("test", "val", "validation")

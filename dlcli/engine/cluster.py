@@ -23,17 +23,71 @@ from dlcli.runs.run import Run
 tf = lazy_import("tensorflow")
 
 
-def cluster_task() -> tuple[str, int, bool]:
-    """(task type, task index, whether the cluster has a chief) from TF_CONFIG."""
+TF_CONFIG_SHAPE = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+
+
+def read_tf_config() -> dict | None:
+    """TF_CONFIG, checked whole before TensorFlow sees it (None where it is not set): each
+    address host:port with a port 1-65535, the task's type among the cluster's roles and its
+    index within that role's list. A `UsageError` says what is wrong."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        return "chief", 0, True
+        return None
+
+    def invalid(why: str) -> UsageError:
+        return UsageError(f"TF_CONFIG is not valid: {why} (expected {TF_CONFIG_SHAPE})")
+
     try:
         tf_config = json.loads(raw)
-        task = tf_config["task"]
-        return task["type"], int(task["index"]), "chief" in tf_config["cluster"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError("TF_CONFIG is not valid: expected {\"cluster\": {...}, \"task\": {\"type\": ..., \"index\": ...}}") from None
+    except (ValueError, RecursionError):
+        raise invalid("not JSON") from None
+    cluster, task = (tf_config.get("cluster"), tf_config.get("task")) if isinstance(tf_config, dict) else (None, None)
+    if not isinstance(cluster, dict) or not cluster:
+        raise invalid("no \"cluster\" mapping of roles to address lists")
+    for role, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses:
+            raise invalid(f"the cluster's {role!r} is not a list of addresses")
+        for address in addresses:
+            host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise invalid(f"{role} address {address!r} is not host:port with a port 1-65535")
+    if not isinstance(task, dict) or task.get("type") not in cluster:
+        kind = task.get("type") if isinstance(task, dict) else None
+        raise invalid(f"the task's type {kind!r} is none of the cluster's roles ({', '.join(map(str, cluster))})")
+    index = task.get("index")
+    if isinstance(index, str) and index.isdigit():
+        index = int(index)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[task["type"]]):
+        raise invalid(f"the task's index {task.get('index')!r} is not one of {task['type']} 0-{len(cluster[task['type']]) - 1}")
+    return {"cluster": cluster, "task": {"type": task["type"], "index": index}}
+
+
+def cluster_task() -> tuple[str, int, bool]:
+    """(task type, task index, whether the cluster has a chief) from TF_CONFIG."""
+    tf_config = read_tf_config()
+    if tf_config is None:
+        return "chief", 0, True
+    task = tf_config["task"]
+    return task["type"], task["index"], "chief" in tf_config["cluster"]
+
+
+def check_own_address(tf_config: dict) -> None:
+    """Refuse at once, naming it, an address of this task that another process holds
+    (TensorFlow would say only "Could not start gRPC server")."""
+    import errno
+    import socket
+
+    task = tf_config["task"]
+    address = tf_config["cluster"][task["type"]][task["index"]]
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a closed port's TIME_WAIT is no obstacle
+            probe.bind(("", int(port)))  # gRPC listens on every interface, on this port
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"{task['type']} {task['index']}'s address {address} (TF_CONFIG) is already in use "
+                             f"by another process: stop it, or give this task a free port") from None
 
 
 def is_chief() -> bool:
@@ -115,12 +169,14 @@ def make_strategy(name: str, say: Callable[[str], None] | None = None):
     if name == "multi-worker":
         if not os.environ.get("TF_CONFIG"):
             raise UsageError("strategy multi-worker needs TF_CONFIG describing the cluster (see the README)")
-        kind, index, _ = cluster_task()  # validate it
-        workers = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+        tf_config = read_tf_config()  # all of it checked, before any waiting
+        kind, index = tf_config["task"]["type"], tf_config["task"]["index"]
+        workers = tf_config["cluster"]
         others = [f"{role} {i} ({address})" for role, addresses in workers.items() for i, address in enumerate(addresses)
                   if (role, i) != (kind, index)]
         what = "the other workers of the cluster: " + ", ".join(others)
         timeout = worker_timeout()
+        check_own_address(tf_config)
         if say is not None:
             say(f"{kind} {index}: waiting for {what} (at most {timeout:g} s, DLCLI_WORKER_TIMEOUT)")
         create = tf.distribute.MultiWorkerMirroredStrategy  # imports TensorFlow first: its time does not count

@@ -56,8 +56,13 @@ def import_tensorflow_quietly() -> None:
     way to hide them is to point file descriptor 2 elsewhere during the import.
     """
     quiet_tensorflow()
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:  # None: Python started with stderr closed
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # fd 2 closed: nothing to keep quiet
+        importlib.import_module("tensorflow")
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)

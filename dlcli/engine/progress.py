@@ -34,6 +34,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dlcli.engine.streams import printable
+
 
 def format_logs(logs: Mapping[str, float]) -> str:
     parts = []
@@ -58,10 +60,10 @@ class Reporter:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(printable(message, newlines=True), highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.console.print(f"[yellow]warning:[/] {printable(message, newlines=True)}", highlight=False)
 
     def status(self, message: str) -> None:
         """A spinner with what is happening (loading data, building the model) until the bars start."""

@@ -21,7 +21,8 @@ import math
 import re
 from typing import Callable, Iterable
 
-from dlcli.runs.checkpoints import CheckpointState, load_model, non_finite_error, resume_point, stopped  # noqa: F401
+from dlcli.runs.checkpoints import (CheckpointState, load_model, non_finite_error, resume_point,  # noqa: F401
+                                    soundness, stopped, weight_extent)
 from dlcli.engine.cluster import ClusterWait, strategy_scope  # noqa: F401
 from dlcli.contract import check_model_name
 from dlcli.errors import RunError
@@ -98,9 +99,7 @@ def add_metric_states(model, states: list) -> None:
 
 def all_finite(model) -> bool:
     """Whether every weight of the model is finite (no checkpoint is written otherwise)."""
-    import numpy as np
-
-    return all(np.isfinite(v.numpy()).all() for v in model.weights)
+    return weight_extent(model)[0]
 
 
 # The running mean loss stays NaN once a step made it so: checking every few steps is enough
@@ -135,6 +134,7 @@ def step_watcher_class():
             self.skipped = 0  # batches of this epoch a mid-epoch checkpoint had trained
             self.metric_states = None  # that checkpoint's running metric sums, added after the first step
             self.epoch = self.done = 0
+            self.loss, self.extent = None, None  # at the last check of the weights: what a checkpoint records
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch, self.done = epoch, self.skipped
@@ -147,9 +147,11 @@ def step_watcher_class():
             if not all(math.isfinite(float(v)) for v in train_logs):
                 self.bad_loss_at = (epoch, self.done)
                 self.model.stop_training = True
-            elif not all_finite(self.model):  # no checkpoint of non-finite weights
-                self.bad_weights_at = epoch
-                self.model.stop_training = True
+            else:
+                finite, self.extent = weight_extent(self.model)
+                if not finite:  # no checkpoint of non-finite weights
+                    self.bad_weights_at = epoch
+                    self.model.stop_training = True
 
         def on_train_batch_end(self, batch, logs=None):
             ClusterWait.joined()  # the workers took their first step together
@@ -162,7 +164,10 @@ def step_watcher_class():
             # Reading a metric waits for the step to finish: do it only where it is needed.
             if self.reporter.live or last_step or saving or done % NAN_CHECK_EVERY == 0:
                 values = {k: float(v) for k, v in (logs or {}).items()}
-                if not math.isfinite(values.get("loss", 0.0)) or (saving and not all_finite(self.model)):
+                if saving:
+                    finite, self.extent = weight_extent(self.model)
+                    self.loss = values.get("loss")
+                if not math.isfinite(values.get("loss", 0.0)) or (saving and not finite):
                     self.bad_loss_at = (self.epoch, done)
                     self.model.stop_training = True
                     return
@@ -274,7 +279,8 @@ def fit(
 
     def save_mid_epoch(epoch: int, steps_done: int) -> None:
         run.save_backup(epoch, history, state.files(model), steps_done=steps_done,
-                        extra={"seed_states": seed_states(model), "metric_states": metric_states(model)})
+                        extra={"seed_states": seed_states(model), "metric_states": metric_states(model),
+                               **soundness(watcher.loss, watcher.extent)})
 
     build_before_fit(model, ctx.strategy, train_data(start))
     engine = [keras_workarounds.epoch_tensorboard_class()(log_dir=str(run.logs_dir), profile_batch=0)] if tensorboard else []
@@ -304,7 +310,7 @@ def fit(
                 watcher.raise_if_stopped(run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 history.append({"epoch": epoch + 1, **logs})
-                run.save_backup(epoch + 1, history, state.files(model))
+                run.save_backup(epoch + 1, history, state.files(model), extra=soundness(logs.get("loss"), watcher.extent))
                 run.write_history(history)
                 reporter.end_epoch(epoch, logs)
                 watcher.raise_if_stopped(run, epoch_done=epoch + 1)

@@ -110,7 +110,7 @@ def _attempt(prepare: Callable[[str], Any], path: str):
     except UsageError as exc:
         return None, str(exc), time.perf_counter() - started
     except Exception as exc:  # one bad input never costs the others their prediction
-        return None, f"{path}: cannot use this input ({type(exc).__name__}: {exc})", time.perf_counter() - started
+        return None, f"{path}: cannot use this input ({exc or 'no reason given'})", time.perf_counter() - started
 
 
 class _Later:

@@ -34,11 +34,20 @@ def source_stamp(model_file: Path) -> dict:
 
 
 def read_meta(tflite: Path) -> dict | None:
+    """export.json beside the model, or None where it is missing or not a dlcli export's
+    (its fields of the wrong types: then no field of it is trusted)."""
     try:
         meta = json.loads((Path(tflite).parent / META).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    stamp = meta.get("source_stamp")
+    fields = [(meta.get("task"), str), (meta.get("source", ""), str), (meta.get("run", ""), str),
+              (meta.get("keras_precision", "float32"), str), (stamp if stamp is not None else {}, dict)]
+    if not all(isinstance(value, kind) for value, kind in fields):
+        return None
+    return meta
 
 
 def check_export(tflite: Path, task: str, model_file: Path | None) -> str | None:
@@ -65,8 +74,13 @@ def check_export(tflite: Path, task: str, model_file: Path | None) -> str | None
 @contextlib.contextmanager
 def _quiet_stderr():
     """LiteRT's C++ side prints "INFO: Created TensorFlow Lite XNNPACK delegate" on fd 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:  # None: Python started with stderr closed
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # fd 2 closed: nothing to keep quiet
+        yield
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
@@ -156,11 +170,12 @@ def model_for(ctx, task: str, load_keras: Callable[[], object] | None = None):
                 return KerasModel(load_keras())
             if engine == "lite":
                 raise UsageError(problem)
-            from rich.console import Console
             from rich.markup import escape
 
-            Console(stderr=True, highlight=False).print(
-                f"[yellow]warning:[/] not using the export: {escape(problem)}; predicting with the Keras model",
+            from dlcli.engine.streams import console, printable
+
+            console(stderr=True).print(
+                f"[yellow]warning:[/] not using the export: {escape(printable(problem))}; predicting with the Keras model",
                 soft_wrap=True)
         elif engine == "lite":
             raise UsageError(f"run {ctx.run.name} has no export; run `dlcli export {task} --run {ctx.run.name} "

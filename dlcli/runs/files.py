@@ -52,7 +52,9 @@ def fsync_file(path: Path) -> None:
 def _describe_os_error(exc: OSError, path: Path) -> str:
     if exc.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return f"cannot write {path}: the file system is read-only"
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return f"cannot write {path}: permission denied"
     return f"cannot write {path}: {exc.strerror or exc}"
 

@@ -54,18 +54,28 @@ class Run:
         self._metrics: dict | None = None
 
     name = property(lambda self: self.dir.name)
-    config_path = property(lambda self: self.dir / "config.yaml")
-    history_path = property(lambda self: self.dir / "history.csv")
-    metrics_path = property(lambda self: self.dir / "metrics.json")
-    backup_dir = property(lambda self: self.dir / "backup")
-    logs_dir = property(lambda self: self.dir / "logs")
-    views_dir = property(lambda self: self.dir / "views")
+    config_path = property(lambda self: self.file("config.yaml"))
+    history_path = property(lambda self: self.file("history.csv"))
+    metrics_path = property(lambda self: self.file("metrics.json"))
+    backup_dir = property(lambda self: self.file("backup"))
+    logs_dir = property(lambda self: self.file("logs"))
+    views_dir = property(lambda self: self.file("views"))
 
     path = property(lambda self: self.dir)
 
     def file(self, name: str) -> Path:
-        """A file of the run by its name (`run.file("model.keras")`)."""
-        return self.dir / name
+        """A file or folder of the run by its name (`run.file("model.keras")`, "views/x.png"),
+        refused (exit 2) where a symbolic link on the way leads outside the run: dlcli never
+        reads, writes or deletes anything outside a run through a run's own names."""
+        path = self.dir / name
+        if not any(p.is_symlink() for p in (path, *path.parents[: len(Path(name).parts) - 1])):
+            return path  # the common case, two or three lstat calls: no link at all
+        inside = self.dir.resolve()
+        target = path.resolve()
+        if target != inside and inside not in target.parents:
+            raise UsageError(f"{path} is a symbolic link that leads outside the run {self.dir} (to {target}); "
+                             "remove the link (a run's files and folders stay inside it)")
+        return path
 
     @property
     def config(self) -> dict:
@@ -132,6 +142,10 @@ class Run:
             if not run.dir.is_dir():
                 raise UsageError(f"no run {name!r} of task {task} in {task_dir}")
             if finished and not run.finished:
+                owner = run.in_use_by()
+                if owner is not None:
+                    raise UsageError(f"run {run.dir} is still training ({owner}); wait until it finishes, "
+                                     "or name a finished run with --run")
                 raise UsageError(
                     f"run {run.dir} has not finished training; resume it with "
                     f"`dlcli train {task} --run {name} --resume`"
@@ -164,7 +178,7 @@ class Run:
         """Refuse a second process on the same run directory; then remove the temporary
         files a killed process left (holding the lock, no one else is writing them)."""
         try:
-            fh = open(self.dir / ".lock", "a+")
+            fh = open(self.file(".lock"), "a+")
         except OSError as exc:
             raise RunError(_describe_os_error(exc, self.dir / ".lock")) from None
         try:
@@ -181,6 +195,20 @@ class Run:
         self._lock_fh = fh
         self.remove_leftovers()
         return self
+
+    def in_use_by(self) -> str | None:
+        """Who holds the run's lock now ("pid 123": a training still running), or None."""
+        try:
+            fh = open(self.file(".lock"))
+        except OSError:
+            return None
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return fh.read().strip() or "another process"
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
 
     def remove_leftovers(self) -> None:
         """Temporary files (`.NAME.tmp-PID`) and checkpoint directories a killed process left."""
@@ -204,10 +232,10 @@ class Run:
     def read_config(self) -> dict:
         try:
             data = yaml.safe_load(self.config_path.read_text())
-        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not text (UnicodeDecodeError)
-            raise UsageError(f"run {self.dir} has no readable config.yaml") from None
+        except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: not text (UnicodeDecodeError)
+            raise UsageError(f"{self.config_path} cannot be read as YAML (missing, damaged or nested too deeply)") from None
         if not isinstance(data, dict):
-            raise UsageError(f"{self.config_path} is not a configuration")
+            raise UsageError(f"{self.config_path} is not a configuration (a mapping of keys to values)")
         return data
 
     def write_metrics(self, metrics: dict) -> None:
@@ -222,8 +250,16 @@ class Run:
             raise UsageError(f"run {self.dir} has no {name}; was it trained by {self.task}?")
         try:
             return json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise UsageError(f"{path} is corrupt (not JSON)") from None
+
+    def read_names(self, name: str, what: str, default: list | None = None) -> "Names":
+        """A JSON list of names saved with the run (classes.json, vocab.json), checked: a list of
+        strings, not empty; `default` where the file is absent."""
+        names = self.read_json(name, default)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{self.file(name)} is not a list of {what}")
+        return Names(names, self.file(name) if self.file(name).exists() else None, what)
 
     def write_history(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
@@ -236,12 +272,21 @@ class Run:
         atomic_write_text(self.history_path, buf.getvalue())
 
     def read_history(self) -> list[dict]:
+        """history.csv's rows (numbers; "" where an epoch has no value), checked: one number
+        per column and row, no text."""
         if not self.history_path.exists():
             return []
-        with open(self.history_path, newline="") as fh:
-            return [
-                {k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)
-            ]
+        try:
+            with open(self.history_path, newline="") as fh:
+                table = list(csv.DictReader(fh))
+        except (OSError, ValueError, csv.Error):  # ValueError: not text
+            raise UsageError(f"{self.history_path} is corrupt (not a CSV table)") from None
+        rows = [{k: _number(v) for k, v in row.items()} if None not in row and None not in row.values() else None
+                for row in table]  # None: a row longer or shorter than the header
+        for row in rows:
+            if row is None or any(not isinstance(v, (int, float)) and v != "" for v in row.values()):
+                raise UsageError(f"{self.history_path} is not a table of numbers, one row per epoch")
+        return rows
 
     # -- per-epoch checkpoints for --resume ----------------------------------------------
 
@@ -267,9 +312,13 @@ class Run:
 
     def read_backup_state(self, backup: Path) -> dict:
         try:
-            return json.loads((backup / "state.json").read_text())
-        except (OSError, ValueError):
+            state = json.loads((backup / "state.json").read_text())
+        except (OSError, ValueError, RecursionError):
             raise UsageError(f"checkpoint {backup} is corrupt (unreadable state.json)") from None
+        if not (isinstance(state, dict) and isinstance(state.get("epochs_done", 0), int)
+                and isinstance(state.get("steps_done", 0), int) and isinstance(state.get("history", []), list)):
+            raise UsageError(f"checkpoint {backup} is corrupt (its state.json is not a checkpoint's state)")
+        return state
 
     def save_backup(
         self,
@@ -327,7 +376,23 @@ class Run:
             self.views_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunError(_describe_os_error(exc, self.views_dir)) from None
-        return self.views_dir / f"{view}{suffix}"
+        return self.file(f"views/{view}{suffix}")
+
+
+class Names(list):
+    """A list of names read from a run's file, which knows the file (for a clear error)."""
+
+    def __init__(self, names: list, source: Path | None, what: str):
+        super().__init__(names)
+        self.source, self.what = source, what
+
+    def check_count(self, count: int) -> "Names":
+        """Refuse a list that does not name each of the model's `count` outputs."""
+        if len(self) != count:
+            where = self.source or "the list"
+            raise UsageError(f"{where} is not a list of {count} {self.what} (it has {len(self)}; the model "
+                             f"has {count} outputs)")
+        return self
 
 
 def _number(text: str) -> Any:
@@ -340,11 +405,11 @@ def _number(text: str) -> Any:
             return text
 
 
-_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # not starting with '-' (an option) or '.' (hidden)
 
 
 def _check_name(name: str) -> None:
     if not _NAME.fullmatch(name or "") or len(name) > MAX_NAME:
         shown = name if len(name or "") <= 40 else name[:40] + "..."
         raise UsageError(f"invalid run name {shown!r}: use up to {MAX_NAME} letters, digits, '-', '_' and '.', "
-                         "not starting with '.'")
+                         "starting with a letter, a digit or '_'")

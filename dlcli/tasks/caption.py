@@ -446,7 +446,7 @@ class Decoder:
 
 
 def _vocab(ctx: Context) -> list[str]:
-    return ctx.run.read_json("vocab.json")
+    return ctx.run.read_names("vocab.json", "words")
 
 
 def train(ctx: Context) -> dict:
@@ -569,7 +569,9 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     model = training.load_model(ctx.model_path, "caption")
     vocab = _vocab(ctx)
     spec_path = ctx.run.file("encoder.json")
-    spec = json.loads(spec_path.read_text()) if spec_path.exists() else encoder_spec(ctx.cfg)
+    spec = ctx.run.read_json("encoder.json") if spec_path.exists() else encoder_spec(ctx.cfg)
+    if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), str) or not isinstance(spec.get("image_size"), int):
+        raise UsageError(f"{spec_path} is not an encoder description (backbone, image_size)")
     good, images, failures = read_many(inputs, lambda p: read_image(p, mode="RGB"))
     rows = []
     if images:

@@ -130,11 +130,13 @@ def scale(x):
     return tf.cast(x, tf.float32) / 255.0 - 0.5
 
 
-def split_validation(x: np.ndarray, y: np.ndarray, val_size: int, seed: int | None):
+def split_validation(x: np.ndarray, y: np.ndarray, val_size: int, seed: int | None, say=None):
     """Hold out `val_size` training images drawn at random (image folders come sorted by class)."""
     if val_size <= 0:
         return (x, y), None
-    val_size = min(val_size, len(x) // 5)
+    val_size = data_lib.held_out_count(val_size, len(x), say)
+    if val_size == 0:
+        return (x, y), None
     order = np.random.default_rng(seed).permutation(len(x))
     val, train = order[:val_size], order[val_size:]
     return (x[train], y[train]), (x[val], y[val])
@@ -243,7 +245,7 @@ def train(ctx: Context) -> dict:
     training.set_seed(cfg["seed"])
     x, y, classes = load_split(cfg, "train")
     atomic_write_json(ctx.run.file("classes.json"), classes)
-    (x_train, y_train), val = split_validation(x, y, cfg["val_size"], cfg["seed"])
+    (x_train, y_train), val = split_validation(x, y, cfg["val_size"], cfg["seed"], ctx.reporter.info)
     ctx.reporter.info(f"{len(x_train)} training images, {len(val[0]) if val else 0} for validation, {len(classes)} classes")
 
     train_examples = examples(x_train, y_train)
@@ -266,7 +268,7 @@ def train(ctx: Context) -> dict:
 
 
 def _classes(ctx: Context) -> list[str]:
-    return ctx.run.read_json("classes.json", default=CIFAR10_CLASSES)
+    return ctx.run.read_names("classes.json", "class names", default=CIFAR10_CLASSES)
 
 
 def _load(ctx: Context):
@@ -313,7 +315,7 @@ def evaluate(ctx: Context) -> dict:
         _, _, y, probs, plain = _test_predictions(ctx)
         return {**accuracy_metrics(y, probs, plain), "test_examples": int(len(y))}
     model = _load(ctx)
-    x, y, prefix = other_eval_split(ctx.cfg, _classes(ctx))
+    x, y, prefix = other_eval_split(ctx.cfg, _classes(ctx).check_count(model.output_shape[-1]))
     what = "test images" if prefix else "images"
     ctx.reporter.info(f"evaluating all {len(x)} {what} of {ctx.cfg['dataset']} (not the run's training data)")
     metrics = accuracy_metrics(y, *predict_probabilities(model, x, ctx.cfg["tta"]))
@@ -427,7 +429,7 @@ def view_stimuli(ctx: Context) -> Path:
     from dlcli.plots import image_grid
 
     model = _load(ctx)
-    classes = _classes(ctx)
+    classes = _classes(ctx).check_count(model.output_shape[-1])
     convs = _conv_layers(model)
     names = [layer.name for layer in convs]
     choice = ctx.options["layer"]
@@ -465,7 +467,7 @@ def view_confusion(ctx: Context) -> Path:
     from dlcli.plots import confusion_matrix, confusion_plot
 
     _, _, y, probs, _ = _test_predictions(ctx)
-    classes = _classes(ctx)
+    classes = _classes(ctx).check_count(probs.shape[1])
     matrix = confusion_matrix(y, probs.argmax(1), len(classes))
     acc = np.trace(matrix) / max(matrix.sum(), 1)
     return confusion_plot(matrix, classes, _view_path(ctx, "cnn-confusion"),
@@ -477,7 +479,7 @@ def view_samples(ctx: Context) -> Path:
     from dlcli.plots import image_grid
 
     _, x, y, probs, _ = _test_predictions(ctx)
-    classes = _classes(ctx)
+    classes = _classes(ctx).check_count(probs.shape[1])
     n = ctx.options["n"]
     if n < 1:
         raise UsageError(f"--n must be >= 1; got {n}")

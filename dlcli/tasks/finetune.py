@@ -311,12 +311,13 @@ def accuracy_figures(model, cfg: dict, ds, n_classes: int, prefix: str) -> dict:
     probs, plain, labels = np.concatenate(probs), np.concatenate(plain), np.concatenate(labels)
     k = min(5, n_classes)
     top5 = np.argsort(-probs, axis=1)[:, :k]
+    p = f"{prefix}_" if prefix else ""
     return {
-        f"{prefix}_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)))),
-        f"{prefix}_accuracy": float(np.mean(probs.argmax(1) == labels)),
-        f"{prefix}_accuracy_without_tta": float(np.mean(plain.argmax(1) == labels)),
-        f"{prefix}_top5_accuracy": float(np.mean((top5 == labels[:, None]).any(1))),
-        f"{prefix}_examples": int(len(labels)),
+        f"{p}loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1)))),
+        f"{p}accuracy": float(np.mean(probs.argmax(1) == labels)),
+        f"{p}accuracy_without_tta": float(np.mean(plain.argmax(1) == labels)),
+        f"{p}top5_accuracy": float(np.mean((top5 == labels[:, None]).any(1))),
+        f"{p}examples": int(len(labels)),
     }
 
 
@@ -345,12 +346,14 @@ def train(ctx: Context) -> dict:
     steps = -(-n_train // cfg["batch_size"])
     head_epochs = min(cfg["head_epochs"], cfg["epochs"])
     history = []
+    resumed_in_phase_two = ctx.resume and _epochs_done(ctx) >= head_epochs
     if _epochs_done(ctx) < head_epochs:
         history = _phase_one(ctx, n_classes, train_ds, val_ds)
     if head_epochs > 0:
         _assemble(ctx, n_classes)
     if cfg["epochs"] > head_epochs:
-        phase2 = dataclasses.replace(ctx, resume=ctx.resume or head_epochs > 0)
+        # phase 2 goes on from phase 1's checkpoint: a resume only where the user resumed into it
+        phase2 = dataclasses.replace(ctx, resume=ctx.resume or head_epochs > 0, continuing=not resumed_in_phase_two)
         _, history = training.fit(phase2, lambda: unfreeze(build_model(cfg, n_classes), cfg), train_data,
                                   batches(cfg, val_ds, n_classes), steps_per_epoch=steps,
                                   callbacks=[cosine_schedule(cfg), phase_callback(2)])
@@ -368,18 +371,45 @@ def train(ctx: Context) -> dict:
 
 
 def _classes(ctx: Context) -> list[str]:
-    return ctx.run.read_json("classes.json")
+    return ctx.run.read_names("classes.json", "class names")
 
 
 def evaluate(ctx: Context) -> dict:
     """Accuracy on the data's test split (test, else validation): the whole split, whichever data."""
     cfg = ctx.cfg
     model = training.load_model(ctx.model_path, "finetune")
+    classes = _classes(ctx).check_count(model.output_shape[-1])
+    if ctx.on_other_data:
+        return _evaluate_other(ctx, model, classes)
     builder, _, _, test_split = _source(cfg)
-    if len(class_names(builder)) != len(_classes(ctx)):
-        raise UsageError(f"{cfg['dataset']} has {len(class_names(builder))} classes; the model knows {len(_classes(ctx))}")
+    if len(class_names(builder)) != len(classes):
+        raise UsageError(f"{cfg['dataset']} has {len(class_names(builder))} classes; the model knows {len(classes)}")
     ds, _ = split_data(cfg, builder, test_split)
-    return {"split": test_split, **accuracy_figures(model, cfg, ds, len(_classes(ctx)), "test")}
+    return {"split": test_split, **accuracy_figures(model, cfg, ds, len(classes), "test")}
+
+
+def _evaluate_other(ctx: Context, model, classes: list[str]) -> dict:
+    """Other labelled data (`eval --dataset folder:DIR`, a folder of only test/ or of any one
+    split): its test split (test, else val or validation) where it has one, else all of it;
+    its labels matched to the run's classes by name, so a folder of some of them works."""
+    cfg = ctx.cfg
+    kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "folder"))
+    builder = data_lib.image_folder(value) if kind == "folder" else data_lib.tfds_builder(value, cfg["data_dir"])
+    if "label" not in builder.info.features:
+        raise UsageError(f"{cfg['dataset']} has no labels; finetune's eval needs labelled images")
+    names = class_names(builder)
+    splits, held_out = data_lib.eval_splits(list(builder.info.splits.keys()))
+    parts = [split_data(cfg, builder, split) for split in splits]
+    ds = parts[0][0]
+    for more, _ in parts[1:]:
+        ds = ds.concatenate(more)
+    n = sum(count for _, count in parts)
+    lookup = tf.constant(data_lib.relabel(np.arange(len(names)), names, classes, cfg["dataset"]))
+    ds = ds.map(lambda image, label: (image, tf.gather(lookup, tf.cast(label, tf.int64))))
+    ctx.reporter.info(f"evaluating all {n} {'test ' if held_out else ''}images of {cfg['dataset']} "
+                      "(not the run's training data)")
+    prefix = "test" if held_out else ""
+    return {"split": "+".join(splits), **accuracy_figures(model, cfg, ds, len(classes), prefix)}
 
 
 # -- predict ------------------------------------------------------------------------------
@@ -428,6 +458,7 @@ def view_samples(ctx: Context) -> Path:
     probs = probabilities(lambda batch: model.predict(batch, verbose=0),
                           np.asarray(backbones.preprocess(cfg["backbone"], np.stack(images))), cfg["tta"])
     pred = probs.argmax(1)
+    classes.check_count(probs.shape[1])
     titles = [f"{classes[p]} {probs[i, p]:.2f}" + ("" if p == y else f"\n(true {classes[y]})")
               for i, (p, y) in enumerate(zip(pred, labels))]
     colors = ["green" if p == y else "red" for p, y in zip(pred, labels)]

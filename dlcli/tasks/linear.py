@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.data import sources as data_lib
-from dlcli.runs.checkpoints import non_finite_error, resume_point, stopped
+from dlcli.runs.checkpoints import non_finite_error, resume_point, soundness, stopped
 from dlcli.errors import UsageError
 from dlcli.engine.interrupts import StopOnSignal
 from dlcli.runs.files import atomic_write_npz, link_or_copy
@@ -237,6 +237,8 @@ def load_model(path: Path) -> tuple[np.ndarray, dict]:
         raise UsageError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError, KeyError):
         raise UsageError(f"checkpoint {path} is not a linear model (corrupt or another format)") from None
+    if not isinstance(meta, dict) or not (isinstance(w, np.ndarray) and w.ndim == 1 and w.dtype.kind == "f"):
+        raise UsageError(f"checkpoint {path} is not a linear model (its weights or description are damaged)")
     if meta.get("task") != "linear":
         raise UsageError(f"checkpoint {path} belongs to task {meta.get('task')}, not linear")
     return w, meta
@@ -283,7 +285,8 @@ def _train_epochs(ctx, X, y, Xv, yv, w, opt, start, history, stop) -> None:
         history.append({"epoch": epoch + 1, **logs})
         state = {"w": w, **{f"opt_{k}": v for k, v in opt.state.items()}}
         run.save_backup(epoch + 1, history, {"state.npz": lambda p: np.savez(p, **state),
-                                         "model.npz": lambda p: _save_model(p, w, cfg)})
+                                         "model.npz": lambda p: _save_model(p, w, cfg)},
+                        extra=soundness(logs.get("loss"), float(np.max(np.abs(w)))))
         run.write_history(history)
         reporter.end_epoch(epoch, logs)
         if stop.requested:

@@ -106,9 +106,10 @@ def training_epochs(x_train: np.ndarray, y_train: np.ndarray, cfg: dict):
     return training.array_epochs(x_train, y_train, cfg["batch_size"], cfg["seed"], x_map=scale_batch)
 
 
-def split_validation(arrays: dict, val_size: int):
+def split_validation(arrays: dict, val_size: int, say=None):
+    """The last `val_size` training images held out (at least one: mnist reports val_loss)."""
     x, y = arrays["x_train"], arrays["y_train"]
-    val_size = min(val_size, len(x) // 5)
+    val_size = data_lib.held_out_count(val_size, len(x), say, minimum=1)
     return (x[:-val_size], y[:-val_size]), (x[-val_size:], y[-val_size:])
 
 
@@ -151,7 +152,7 @@ def train(ctx: Context) -> dict:
     cfg = ctx.cfg
     training.set_seed(cfg["seed"])
     arrays = load_arrays(cfg)
-    (x_train, y_train), (x_val, y_val) = split_validation(arrays, cfg["val_size"])
+    (x_train, y_train), (x_val, y_val) = split_validation(arrays, cfg["val_size"], ctx.reporter.info)
     atomic_write_json(ctx.run.file("classes.json"), arrays["classes"])
     train_data, steps = training_epochs(x_train, y_train, cfg)
     x_val = scale(x_val)
@@ -171,7 +172,7 @@ def train(ctx: Context) -> dict:
 
 
 def _classes(ctx: Context) -> list[str]:
-    return ctx.run.read_json("classes.json", default=DIGITS)
+    return ctx.run.read_names("classes.json", "class names", default=DIGITS)
 
 
 def _test_predictions(ctx: Context):
@@ -214,7 +215,7 @@ def evaluate(ctx: Context) -> dict:
     split, or on all of it where it has none (then without the `test_` prefix)."""
     if ctx.on_other_data:
         model = training.load_model(ctx.model_path, "mnist")
-        x, y, prefix = other_eval_arrays(ctx.cfg, _classes(ctx))
+        x, y, prefix = other_eval_arrays(ctx.cfg, _classes(ctx).check_count(model.output_shape[-1]))
         what = "test images" if prefix else "images"
         ctx.reporter.info(f"evaluating all {len(x)} {what} of {ctx.cfg['dataset']} (not the run's training data)")
         probs = model.predict(scale(x), batch_size=1024, verbose=0)
@@ -402,7 +403,7 @@ def view_confusion(ctx: Context) -> Path:
     from dlcli.plots import confusion_matrix, confusion_plot
 
     _, arrays, probs = _test_predictions(ctx)
-    classes = _classes(ctx)
+    classes = _classes(ctx).check_count(probs.shape[1])
     matrix = confusion_matrix(arrays["y_test"], probs.argmax(1), len(classes))
     acc = np.trace(matrix) / matrix.sum()
     return confusion_plot(matrix, classes, ctx.view_path("mnist-confusion"),
@@ -418,7 +419,7 @@ def view_errors(ctx: Context) -> Path:
     from dlcli.plots import image_grid
 
     _, arrays, probs = _test_predictions(ctx)
-    classes = _classes(ctx)
+    classes = _classes(ctx).check_count(probs.shape[1])
     pred = probs.argmax(1)
     wrong = np.nonzero(pred != arrays["y_test"])[0]
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ctx.options["n"]]
