@@ -99,6 +99,22 @@ def test_a_fifo_among_the_inputs_is_refused_and_the_others_predicted(runs, tmp_p
     assert not EXCEPTION_NAME.search(result.stderr)
 
 
+def test_an_input_that_never_finishes_reading_is_bounded(runs, tmp_path):
+    """A file on a stalled mount blocks its read in the kernel: the call ends, naming it, after
+    DLCLI_READ_TIMEOUT seconds."""
+    stalled = tmp_path / "stalled.png"
+    shutil.copy(runs["digits"][1], stalled)
+    code = ("import sys, time; from dlcli.tasks import mnist; read = mnist.read_image\n"
+            "mnist.read_image = lambda p, mode='L': time.sleep(3600) if 'stalled' in str(p) else read(p, mode)\n"
+            "from dlcli.cli import main; sys.argv[0] = 'dlcli'; main()")
+    result = subprocess.run([sys.executable, "-c", code, "predict", "mnist", runs["digits"][0], stalled, "--jsonl",
+                             "--runs-dir", runs["root"]], capture_output=True, text=True, timeout=60,
+                            env={**CLEAN_ENV, "DLCLI_READ_TIMEOUT": "1.5"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: {stalled}: reading it took more than 1.5 s (a stalled file system?); "
+                             "stopped there (DLCLI_READ_TIMEOUT=SECONDS sets the bound)\n")
+
+
 def test_a_character_device_and_a_fifo_config_are_refused_at_once(hostile, tmp_path):
     result = hostile("predict", "mnist", "/dev/zero", hostile.digits[0], "--jsonl", expect=2)
     rows = [json.loads(line) for line in result.stdout.splitlines()]

@@ -104,7 +104,6 @@ def print_predictions(rows: Iterable[dict], reporter: Reporter, json_mode: bool,
         raise typer.Exit(2)
 
 
-
 def human_row(row: dict) -> str:
     """A prediction as one line, its names (file, class, caption) with control characters escaped."""
     shown = row.get("text") or "  ".join(f"{k} {human(v)}" for k, v in row.items() if k not in ("input", "note"))

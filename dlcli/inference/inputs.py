@@ -102,15 +102,82 @@ def _expanded(tokens: list[str], suffixes: tuple[str, ...], stdin) -> Iterator[s
             yield _error("-", "-: standard input gave no paths (one path a line)")
 
 
+READ_TIMEOUT_S = 60.0
+
+
+def read_timeout() -> float:
+    """DLCLI_READ_TIMEOUT=SECONDS: the longest one input may take to read and prepare (60)."""
+    raw = os.environ.get("DLCLI_READ_TIMEOUT", "").strip()
+    if not raw:
+        return READ_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UsageError(f"DLCLI_READ_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+class ReadWatch:
+    """Bounds the reading of each input: a file on a stalled file system (an NFS server gone,
+    a FUSE mount hung) blocks its read inside the kernel, where no signal or thread can end
+    it. A watchdog thread sees an input that has taken more than `timeout` seconds, says
+    which on stderr and ends the process (exit 2); the rows of the batches before its own
+    have been printed."""
+
+    current: "ReadWatch | None" = None
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.reading: dict[int, tuple[str, float]] = {}  # thread -> (path, when its reading began)
+
+    @classmethod
+    def start(cls) -> "ReadWatch":
+        """The process's watch (one thread), started at the first stream (again where the bound changed)."""
+        timeout = read_timeout()
+        if cls.current is None or cls.current.timeout != timeout:
+            cls.current = cls(timeout)
+            threading.Thread(target=cls.current._watch, name="dlcli-read-watch", daemon=True).start()
+        return cls.current
+
+    def _watch(self) -> None:
+        while ReadWatch.current is self:
+            time.sleep(min(0.5, self.timeout / 4))
+            now = time.perf_counter()
+            for path, started in list(self.reading.values()):
+                if now - started > self.timeout:
+                    self.give_up(path)
+
+    def give_up(self, path: str) -> None:
+        from dlcli.engine.streams import printable
+
+        line = (f"error: {printable(path)}: reading it took more than {self.timeout:g} s (a stalled file system?); "
+                f"stopped there (DLCLI_READ_TIMEOUT=SECONDS sets the bound)\n")
+        try:
+            os.write(2, line.encode("utf-8", "replace"))
+        except OSError:
+            pass
+        os._exit(2)
+
+
 def _attempt(prepare: Callable[[str], Any], path: str):
-    """(prepared, None, seconds) or (None, the error's one line, seconds)."""
+    """(prepared, None, seconds) or (None, the error's one line, seconds); the reading is
+    watched (`ReadWatch`) while `stream` runs."""
     started = time.perf_counter()
+    watch = ReadWatch.current
+    if watch is not None:
+        thread = threading.get_ident()
+        watch.reading[thread] = (path, started)
     try:
         return prepare(path), None, time.perf_counter() - started
     except UsageError as exc:
         return None, str(exc), time.perf_counter() - started
     except Exception as exc:  # one bad input never costs the others their prediction
         return None, f"{path}: cannot use this input ({exc or 'no reason given'})", time.perf_counter() - started
+    finally:
+        if watch is not None:
+            watch.reading.pop(thread, None)
 
 
 class _Later:
@@ -256,6 +323,7 @@ def stream(items: Iterable[str | dict], prepare: Callable[[str], Any],
     queued too, while the model runs on the first batch) go to the threads once preparing one
     took `threads_from` seconds (the median).
     """
+    ReadWatch.start()
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
         make = _MakeEntry(prepare, pool)
         live = getattr(items, "live", not isinstance(items, (list, tuple)))  # an unknown iterator may wait
