@@ -661,7 +661,7 @@ def serve(tasks: Iterable[str], *, run: str | None = None, runs_dir: str | Path 
         for name, model in server.models.items():
             say(f"{name}: run {model.run.name} ({model.engine}) at {server.url}/v1/models/{name}:predict")
         say(f"serving on {server.url}")
-        while not stop.wait(0.5):
+        while not stop.wait(0.1):
             pass
         say("stopping: finishing the requests in flight")
     finally:
