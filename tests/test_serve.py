@@ -369,3 +369,17 @@ def test_inputs_and_options_in_one_request_are_predicted_apart(server):
     first, options, third = answer["predictions"]
     assert first["input"] == third["input"] == "1,1" and first["probability"] == third["probability"]
     assert "give points" in options["error"]  # {} is a predict of no inputs, as `dlcli predict linear` alone
+
+
+def test_a_prediction_past_the_timeout_is_a_504_and_the_next_is_served(runs):
+    import dataclasses
+
+    with Server(["linear"], runs_dir=runs, port=0, timeout=0.3) as s:
+        model = s.models["linear"]
+        real = model.spec.predict
+        model.spec = dataclasses.replace(model.spec, predict=lambda ctx, inputs: time.sleep(1.0) or real(ctx, inputs))
+        status, answer = predict(s, "linear", ["1,1"])
+        assert status == 504 and "longer than 0.3 s" in answer["error"]
+        model.spec = dataclasses.replace(model.spec, predict=real)
+        time.sleep(1.0)  # the slow batch ends; its answer goes nowhere
+        good(s)

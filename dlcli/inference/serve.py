@@ -101,22 +101,25 @@ def _point(instance: Any, name: str) -> str:
 
 
 class _Job:
-    """One request's instances in the model thread's queue: filled in as their batches finish."""
+    """One request's instances in the model thread's queue: filled in as their batches finish,
+    by that thread alone; `wait` returns once all are (a held lock as the latch: cheaper than an
+    Event, which is a condition and a lock)."""
 
     def __init__(self, n: int):
         self.rows: list = [None] * n
         self.left = n
-        self.done = threading.Event()
-        self.lock = threading.Lock()
-        if n == 0:
-            self.done.set()
+        self.latch = threading.Lock()
+        if n:
+            self.latch.acquire()
 
     def put(self, slot: int, row: dict) -> None:
-        with self.lock:
-            self.rows[slot] = row
-            self.left -= 1
-            if self.left == 0:
-                self.done.set()
+        self.rows[slot] = row
+        self.left -= 1
+        if self.left == 0:
+            self.latch.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self.latch.acquire(timeout=timeout)
 
 
 class _Item:
@@ -227,7 +230,7 @@ class ServedModel:
             job, items, job_rows = self._queue(instances, options)
         finally:
             self.arrive(-1)
-        if not job.done.wait(timeout):
+        if not job.wait(timeout):
             raise RequestError(504, f"the prediction took longer than {timeout:g} s")
         for (i, _, _), row in zip(items, job.rows):
             job_rows[i] = row
@@ -338,6 +341,18 @@ class ServedModel:
 # -- HTTP --------------------------------------------------------------------------------------
 
 
+_DATE: list = [0, ""]  # (second, its HTTP date): formatted once a second, not once a response
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if _DATE[0] != now:
+        from email.utils import formatdate
+
+        _DATE[:] = [now, formatdate(now, usegmt=True)]
+    return _DATE[1]
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client's requests share one connection
     server_version = "dlcli"
@@ -360,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
         phrase = self.responses.get(status, ("",))[0]
-        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\nDate: {self.date_time_string()}\r\n"
+        head = (f"HTTP/1.1 {status} {phrase}\r\nServer: {self.server_version}\r\nDate: {_http_date()}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
                 + ("Connection: close\r\n" if self.close_connection else "") + "\r\n")
         try:
