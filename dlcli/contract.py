@@ -32,7 +32,7 @@ one line naming the rule, not later with a traceback or a silently replaced view
    done; without it `predict(ctx, paths)` gets the readable paths at once. A task that predicts
    files in batches may also give a `predictor` (`ctx -> Predictor`: per-input `prepare`,
    per-batch `finish`), which `dlcli serve` uses to decode requests in their own threads and
-   run one model call for the inputs of many requests. A path may be an
+   run one model call for the inputs of many requests. A path may be a
    `dlcli.data.images.ImageBytes` (a file's bytes under a name), which `read_image` reads.
 9. A task that can be exported says how (`export`, an `ExportSpec`): the model to export, the
    preprocessing its users must apply, what it outputs and its class names.

@@ -20,7 +20,7 @@ the Keras model) and warm: every batch size it will run is run once before the s
 is ready. Its images are decoded in the request's own thread, from the request's bytes
 (`ImageBytes`, no temporary file), and one thread per task runs the model: it takes what the
 requests have queued, up to the task's batch size, waiting at most `batch_wait` seconds for
-more, so concurrent clients share one model call. A task without a `Predictor` runs its own
+requests already on their way, so concurrent clients share one model call. A task without a `Predictor` runs its own
 `predict` for each batch in that thread.
 
 Safe by default: it binds 127.0.0.1; bodies over `max_body` bytes are refused (413) unread;
