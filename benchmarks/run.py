@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick               # smaller data, fewer repetitions
     python benchmarks/run.py --task mnist          # one task (plus start-up)
     python benchmarks/run.py --data "$DLCLI_SHARED_DATA" --json-out benchmarks/results/latest.json
+    python benchmarks/run.py --skip startup,training,pipeline,predict,memory   # only `dlcli serve` (benchmarks/serve.py)
 
 Data: `--data DIR` or $DLCLI_SHARED_DATA (the shared real data sets); generated where absent.
 Every figure is measured in a child process beside its reference, in the same run, with
@@ -307,6 +308,26 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def bench_serve(tasks: list[str], shared: Path | None, quick: bool) -> None:
+    """`benchmarks/serve.py`: `dlcli serve` with 8 and 32 clients against in-memory predict, and the load run."""
+    from benchmarks import serve as serve_bench
+
+    argv = ["--tasks", ",".join(tasks), "--requests", "1500" if quick else "3000"]
+    if shared:
+        argv += ["--data", str(shared)]
+    for r in serve_bench.main(argv):
+        if "ratio" in r:
+            row("serve", r["task"], f"{r['clients']} clients, 1 image a request", r["per_s"], "img/s",
+                r["reference_per_s"], "model.predict in memory", r["ratio"], (">=", 0.9),
+                note=f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors")
+        elif "clients" in r:
+            row("serve", r["task"], "1 client: p50 / p99 latency", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}", "ms")
+        elif "load_requests" in r:
+            row("serve", r["task"], f"load: {r['load_requests']} requests, 32 clients: errors", r["errors"], "")
+            row("serve", r["task"], "load: server RSS at 1,000 requests / at the end",
+                f"{r['rss_mb_at_1000']:.0f} / {r['rss_mb_at_end']:.0f}", "MB")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", help="only this task (start-up is always measured)")
@@ -315,7 +336,7 @@ def main():
     p.add_argument("--json-out", default=str(BENCH / "results" / "latest.json"))
     p.add_argument("--rounds", type=int, help="rounds of each measurement (default 2, --quick 1): training "
                    "alternates dlcli and its reference each round, so more rounds, less drift in its ratios")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: startup,training,pipeline,predict,memory")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: startup,training,pipeline,predict,memory,serve")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     started = time.perf_counter()
@@ -378,6 +399,16 @@ def main():
                 row("error", task, "benchmark failed", str(exc)[:300], "")
                 log(f"   {task} failed: {exc}")
             task_seconds[task] = round(time.perf_counter() - task_started, 1)
+        serve_tasks = [t for t in ("mnist", "cnn") if t in tasks]
+        if "serve" not in skip and serve_tasks:
+            log(f"== serve  ({time.perf_counter() - started:.0f}s so far)")
+            serve_started = time.perf_counter()
+            try:
+                bench_serve(serve_tasks, shared, args.quick)
+            except Exception as exc:  # noqa: BLE001
+                row("error", "serve", "benchmark failed", str(exc)[:300], "")
+                log(f"   serve failed: {exc}")
+            task_seconds["serve"] = round(time.perf_counter() - serve_started, 1)
     facts["elapsed_s"] = round(time.perf_counter() - started, 1)
     table = markdown_table(ROWS)
     print()

@@ -242,16 +242,8 @@ def predict(task: str, inputs: Iterable[str] = (), *, run: str | Run | None = No
     streams: a caller that stops early stops the work.
     """
     spec = get_task(task)
-    chosen_options = task_options(options, spec.predict_options, f"predict {task}")
-    from dlcli.inference.lite import ENGINES
-
-    if engine not in ENGINES:
-        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    chosen_options["engine"] = engine  # read by `dlcli.inference.lite.model_for`
-    chosen = open_run(task, run=run, runs_dir=runs_dir, checkpoint=checkpoint)
-    cfg = _run_config(task, chosen, {"seed": seed})
-    context = Context(cfg=cfg, run=chosen, reporter=reporter or silent_reporter(), options=chosen_options,
-                      checkpoint=Path(checkpoint) if checkpoint else None, out=Path(out) if out else None)
+    context = predict_context(task, run=run, runs_dir=runs_dir, checkpoint=checkpoint, seed=seed, engine=engine,
+                              out=out, reporter=reporter, **options)
     inputs = [str(i) for i in inputs]
     if spec.inputs is None or not inputs:
         return iter(spec.predict(context, inputs))
@@ -261,6 +253,25 @@ def predict(task: str, inputs: Iterable[str] = (), *, run: str | Run | None = No
     if spec.predict_stream is not None:
         return iter(spec.predict_stream(context, items))
     return _predict_paths(spec, context, items)
+
+
+def predict_context(task: str, *, run: str | Run | None = None, runs_dir: str | Path | None = None,
+                    checkpoint: str | Path | None = None, seed: int | None = None, engine: str = "auto",
+                    out: str | Path | None = None, reporter: Reporter | None = None, **options) -> Context:
+    """The context `predict` hands the task: the run chosen, its config, the predict options
+    checked (`task_options`) and the engine. A server builds it once per set of options and
+    reuses it (with the task's `predictor`) for every request."""
+    spec = get_task(task)
+    chosen_options = task_options(options, spec.predict_options, f"predict {task}")
+    from dlcli.inference.lite import ENGINES
+
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    chosen_options["engine"] = engine  # read by `dlcli.inference.lite.model_for`
+    chosen = open_run(task, run=run, runs_dir=runs_dir, checkpoint=checkpoint)
+    cfg = _run_config(task, chosen, {"seed": seed})
+    return Context(cfg=cfg, run=chosen, reporter=reporter or silent_reporter(), options=chosen_options,
+                   checkpoint=Path(checkpoint) if checkpoint else None, out=Path(out) if out else None)
 
 
 def _predict_paths(spec: TaskSpec, context: Context, items) -> Iterator[dict]:

@@ -29,7 +29,11 @@ one line naming the rule, not later with a traceback or a silently replaced view
    folders, globs and `-` (paths on stdin) into files of those types and hands them over in
    order, each file that cannot be read as an error row in its place. With `predict_stream`
    (`(ctx, items) -> rows`, items being paths and error rows) rows come out as their batch is
-   done; without it `predict(ctx, paths)` gets the readable paths at once.
+   done; without it `predict(ctx, paths)` gets the readable paths at once. A task that predicts
+   files in batches may also give a `predictor` (`ctx -> Predictor`: per-input `prepare`,
+   per-batch `finish`), which `dlcli serve` uses to decode requests in their own threads and
+   run one model call for the inputs of many requests. A path may be a
+   `dlcli.data.images.ImageBytes` (a file's bytes under a name), which `read_image` reads.
 9. A task that can be exported says how (`export`, an `ExportSpec`): the model to export, the
    preprocessing its users must apply, what it outputs and its class names.
 10. Every config key has a help line: the task's own in `key_help`, or the shared one in
@@ -97,6 +101,20 @@ class FileInputs:
 
 
 @dataclass
+class Predictor:
+    """A task's predict in the two steps a scheduler needs (rule 8): `prepare(path) -> x` for
+    one input (decoding and per-input preprocessing; a `UsageError` names a bad input), and
+    `finish(paths, xs) -> rows` for a batch (the model, one row per input, in order), at most
+    `batch_size` inputs a call. `predict_stream` is `inputs.stream(items, prepare, finish,
+    batch_size)`; `dlcli serve` prepares each request's inputs in its own thread and calls
+    `finish` once for the inputs of the requests that arrive together."""
+
+    prepare: Callable[[str], Any]
+    finish: Callable[[list, list], list]
+    batch_size: int
+
+
+@dataclass
 class ExportSpec:
     """What `dlcli export` writes for a task (rule 9).
 
@@ -124,8 +142,8 @@ class TaskSpec:
     metrics.json); `evaluate(ctx) -> metrics`; `predict(ctx, inputs) -> rows`; `choices`
     lists the allowed values of config keys; `views` maps view names to pictures;
     `predict_options` are predict's own options; `model_file` is the run's model file,
-    which `ctx.model_path` points at; `inputs`, `predict_stream`, `export` and `key_help`
-    follow rules 8-10.
+    which `ctx.model_path` points at; `inputs`, `predict_stream`, `predictor`, `export` and
+    `key_help` follow rules 8-10.
     """
 
     name: str
@@ -143,6 +161,7 @@ class TaskSpec:
     predict_stream: Callable[["Context", Any], Any] | None = None
     export: ExportSpec | None = None
     key_help: dict[str, str] = field(default_factory=dict)
+    predictor: Callable[["Context"], Predictor] | None = None
 
     @property
     def default_dataset(self) -> str:
@@ -167,6 +186,7 @@ class Context:
     strategy: Any = None  # a tf.distribute strategy, or None for the default
     resume_from: Any = None  # on a non-chief worker: the chief's run, whose checkpoints it loads
     continuing: bool = False  # a later stage of this same command goes on from its own checkpoint (no "resuming")
+    engine: str | None = None  # the engine `lite.model_for` chose for this context: lite or keras
 
     @property
     def model_path(self) -> Path:
@@ -269,6 +289,8 @@ def check_spec(spec: Any, name: str) -> None:
             raise TaskError(f"task {name}: inputs must be a FileInputs whose suffixes are a tuple like ('.png',) (rule 8)")
     if spec.predict_stream is not None and (not callable(spec.predict_stream) or spec.inputs is None):
         raise TaskError(f"task {name}: predict_stream must be a function, and needs inputs (the files it reads) (rule 8)")
+    if spec.predictor is not None and (not callable(spec.predictor) or spec.inputs is None):
+        raise TaskError(f"task {name}: predictor must be a function of the context, and needs inputs (the files it reads) (rule 8)")
     if spec.export is not None:
         ex = spec.export
         if (not isinstance(ex, ExportSpec) or not callable(ex.preprocessing)

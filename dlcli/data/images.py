@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,12 +61,27 @@ def _plain_png(data: bytes):
         return None
 
 
+class ImageBytes(str):
+    """An image file's bytes under a name: the name is the string (what a prediction row's
+    `input` says), the bytes are `data`. `read_image` reads them as it reads a file, with the
+    same limits, so an input that arrived over the network needs no temporary file."""
+
+    data: bytes
+
+    def __new__(cls, name: str, data: bytes):
+        self = super().__new__(cls, name)
+        self.data = bytes(data)
+        return self
+
+
 def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
-    """The image as a uint8 array (H, W, 3) for RGB or (H, W) for "L"."""
+    """The image as a uint8 array (H, W, 3) for RGB or (H, W) for "L"; `path` may be an
+    `ImageBytes`."""
     from PIL import Image, UnidentifiedImageError
 
     try:  # open first and ask why only when it fails: two system calls per good file, not four
-        fh = open_regular(path)  # never waits on a FIFO, never reads a device
+        # (open_regular never waits on a FIFO, never reads a device)
+        fh = io.BytesIO(path.data) if isinstance(path, ImageBytes) else open_regular(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -89,7 +105,7 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
                 img = Image.alpha_composite(background, img)
             return np.asarray(img if img.mode == mode else img.convert(mode))
     except UnidentifiedImageError:
-        if os.stat(path).st_size == 0:
+        if (len(path.data) if isinstance(path, ImageBytes) else os.stat(path).st_size) == 0:
             raise UsageError(f"{path}: empty file") from None
         raise UsageError(f"{path}: not an image (or an unsupported format)") from None
     except Image.DecompressionBombError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 from dlcli.contract import (  # noqa: F401  (what task modules import from here)
-    Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults, register, unregister,
+    Context, DataRules, ExportSpec, FileInputs, Option, Predictor, TaskSpec, View, common_defaults, register, unregister,
 )
 from dlcli.errors import UsageError
 

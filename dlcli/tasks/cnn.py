@@ -33,7 +33,7 @@ from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_json
-from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, Predictor, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -344,14 +344,23 @@ def _finish(ctx: Context, model, classes: list[str], paths: list[str], images: l
     return ranked_rows(paths, probs, classes, ctx.options["top_k"])
 
 
-def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time (files decoded and resized ahead in threads)."""
+def _prepare(path: str) -> np.ndarray:
+    return to_input(read_image(path, mode="RGB"))
+
+
+def predictor(ctx: Context) -> Predictor:
+    """Decode and resize a file; the model (with the mirror pass) and the rows per batch."""
     if ctx.options["top_k"] < 1:
         raise UsageError(f"--top-k must be >= 1; got {ctx.options['top_k']}")
     model = lite.model_for(ctx, "cnn")
     classes = _classes(ctx)
-    yield from stream(items, lambda p: to_input(read_image(p, mode="RGB")),
-                      lambda paths, images: _finish(ctx, model, classes, paths, images), 128)
+    return Predictor(_prepare, lambda paths, images: _finish(ctx, model, classes, paths, images), 128)
+
+
+def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
+    """Rows for every input, a batch at a time (files decoded and resized ahead in threads)."""
+    p = predictor(ctx)
+    yield from stream(items, p.prepare, p.finish, p.batch_size)
 
 
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:
@@ -536,5 +545,6 @@ TASK = TaskSpec(
     key_help=KEY_HELP,
     inputs=FileInputs(),
     predict_stream=predict_stream,
+    predictor=predictor,
     export=EXPORT,
 )

@@ -54,7 +54,7 @@ from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_json, link_or_copy
-from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, Predictor, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -420,14 +420,21 @@ def _finish(ctx: Context, model, classes: list[str], paths: list[str], crops: li
     return ranked_rows(paths, probabilities(model, x, ctx.cfg["tta"]), classes, ctx.options["top_k"])  # as eval scores it
 
 
-def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time: files decoded, centre-cropped and resized ahead in
-    threads (NumPy and Pillow, no TensorFlow) while the model runs on the batch before."""
+def predictor(ctx: Context) -> Predictor:
+    """Decode, centre-crop and resize a file (NumPy and Pillow, no TensorFlow); the model (with
+    the mirror pass) and the rows per batch."""
     model = lite.model_for(ctx, "finetune")
     classes = _classes(ctx)
     size = ctx.cfg["image_size"]
-    yield from stream(items, lambda p: backbones.centre_crop_numpy(read_image(p, mode="RGB"), size),
-                      lambda paths, crops: _finish(ctx, model, classes, paths, crops), 32)
+    return Predictor(lambda p: backbones.centre_crop_numpy(read_image(p, mode="RGB"), size),
+                     lambda paths, crops: _finish(ctx, model, classes, paths, crops), 32)
+
+
+def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
+    """Rows for every input, a batch at a time: files decoded, centre-cropped and resized ahead in
+    threads while the model runs on the batch before."""
+    p = predictor(ctx)
+    yield from stream(items, p.prepare, p.finish, p.batch_size)
 
 
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:
@@ -510,5 +517,6 @@ TASK = TaskSpec(
     key_help=KEY_HELP,
     inputs=FileInputs(),
     predict_stream=predict_stream,
+    predictor=predictor,
     export=EXPORT,
 )

@@ -25,7 +25,7 @@ from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_json
-from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, Predictor, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -382,12 +382,18 @@ def _finish(ctx: Context, model, classes: list[str], paths: list[str], greys: li
     return rows
 
 
-def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time (small files decoded in this thread, larger ones
-    ahead in threads; see `batchpredict.stream`)."""
+def predictor(ctx: Context) -> Predictor:
+    """Decode a file; MNIST-style preprocessing, the model and the rows per batch."""
     model = lite.model_for(ctx, "mnist")
     classes = _classes(ctx)
-    yield from stream(items, _prepare, lambda paths, greys: _finish(ctx, model, classes, paths, greys), 256)
+    return Predictor(_prepare, lambda paths, greys: _finish(ctx, model, classes, paths, greys), 256)
+
+
+def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
+    """Rows for every input, a batch at a time (small files decoded in this thread, larger ones
+    ahead in threads; see `inputs.stream`)."""
+    p = predictor(ctx)
+    yield from stream(items, p.prepare, p.finish, p.batch_size)
 
 
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:
@@ -465,5 +471,6 @@ TASK = TaskSpec(
     key_help=KEY_HELP,
     inputs=FileInputs(),
     predict_stream=predict_stream,
+    predictor=predictor,
     export=EXPORT,
 )
