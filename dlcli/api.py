@@ -315,7 +315,8 @@ def export(task: str, *, run: str | Run | None = None, runs_dir: str | Path | No
            checkpoint: str | Path | None = None, format: str = "tflite", out: str | Path | None = None,
            reporter: Reporter | None = None) -> Path:
     """Export a run's model (`format`: tflite, what predict runs without TensorFlow, or
-    savedmodel) with its class names and preprocessing beside it; returns the model's path.
+    savedmodel) with its class names and preprocessing beside it; returns the model's path
+    (of a task that exports several parts, the first part's; export.json lists them all).
     A current RUN/export/model.tflite makes `predict` start fast."""
     from dlcli.inference import export as export_lib
 
@@ -330,7 +331,8 @@ def export(task: str, *, run: str | Run | None = None, runs_dir: str | Path | No
     classes = spec.export.classes(context) if spec.export.classes is not None else None
     reporter.status(f"exporting {task} / {chosen.name} as {format}")
     try:
-        meta = export_lib.export(spec, chosen, context.model_path, format, Path(out) if out else None, classes)
+        meta = export_lib.export(spec, chosen, context.model_path, format, Path(out) if out else None, classes,
+                                 context)
     finally:
         reporter.finish()
     folder = Path(out) if out is not None else chosen.file("export")

@@ -34,8 +34,9 @@ one line naming the rule, not later with a traceback or a silently replaced view
    per-batch `finish`), which `dlcli serve` uses to decode requests in their own threads and
    run one model call for the inputs of many requests. A path may be a
    `dlcli.data.images.ImageBytes` (a file's bytes under a name), which `read_image` reads.
-9. A task that can be exported says how (`export`, an `ExportSpec`): the model to export, the
-   preprocessing its users must apply, what it outputs and its class names.
+9. A task that can be exported says how (`export`, an `ExportSpec`): the model to export (or
+   its named parts, one file each), the preprocessing its users must apply, what it outputs
+   and its class names.
 10. Every config key has a help line: the task's own in `key_help`, or the shared one in
     `dlcli.config.KEY_HELP`.
 
@@ -45,6 +46,7 @@ This module imports nothing of dlcli but its errors (and, inside functions, `con
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -120,18 +122,35 @@ class ExportSpec:
 
     `preprocessing(cfg) -> dict` is what a user of the exported file must do to an input
     (recorded in export.json); `model(keras_model)` picks the part to export (the whole model
-    when None; the autoencoder exports its encoder); `output` says what the file returns;
+    when None), written as `model.tflite`; `output` says what the file returns;
     `classes(ctx) -> list` gives the class names written to classes.json (None: none).
+
+    A task that runs several models exports them as `models`, a mapping of part name ->
+    `picker(keras_model, ctx)` returning the Keras model of that part, each written as
+    `<name>.tflite` (the first is the main file). `files` names run files that a user of the
+    export needs beside it (a vocabulary): they are copied into the export folder. `predict` runs the same pickers' models
+    on the Keras path (`dlcli.inference.lite.models_for`), so both paths compute the same
+    functions. `model` and `models` exclude each other.
 
     Example:
         ExportSpec(preprocessing=lambda cfg: {"shape": [28, 28], "range": [0.0, 1.0]},
                    classes=lambda ctx: [str(d) for d in range(10)])
+        ExportSpec(preprocessing=..., models={"encoder": lambda m, ctx: m.get_layer("encoder"),
+                                              "decoder": lambda m, ctx: m.get_layer("decoder")})
     """
 
     preprocessing: Callable[[dict], dict]
     model: Callable[[Any], Any] | None = None
     output: str = "class probabilities (softmax)"
     classes: Callable[["Context"], list] | None = None
+    models: dict[str, Callable[[Any, "Context"], Any]] | None = None
+    files: tuple[str, ...] = ()  # run files the export needs beside it (a vocabulary), copied in
+    batch: int | None = None  # a fixed batch size of the exported files (None: any)
+
+    @property
+    def parts(self) -> list[str]:
+        """The exported files' names without `.tflite`: `model`, or the keys of `models`."""
+        return list(self.models) if self.models else ["model"]
 
 
 @dataclass
@@ -296,6 +315,16 @@ def check_spec(spec: Any, name: str) -> None:
         if (not isinstance(ex, ExportSpec) or not callable(ex.preprocessing)
                 or any(f is not None and not callable(f) for f in (ex.model, ex.classes))):
             raise TaskError(f"task {name}: export must be an ExportSpec with a preprocessing(cfg) function (rule 9)")
+        if ex.models is not None:
+            if (not isinstance(ex.models, dict) or not ex.models or ex.model is not None
+                    or not all(isinstance(k, str) and re.fullmatch(r"[a-z][a-z0-9_]*", k) for k in ex.models)
+                    or not all(callable(f) for f in ex.models.values())):
+                raise TaskError(f"task {name}: export.models must be a non-empty dict of part name (lower case, "
+                                f"like 'encoder') -> picker(keras_model, ctx), and excludes export.model (rule 9)")
+        if ex.batch is not None and (not isinstance(ex.batch, int) or ex.batch < 1):
+            raise TaskError(f"task {name}: export.batch must be a positive int or None (rule 9)")
+        if not isinstance(ex.files, tuple) or not all(isinstance(f, str) and "/" not in f for f in ex.files):
+            raise TaskError(f"task {name}: export.files must be a tuple of run file names like ('vocab.json',) (rule 9)")
         if not spec.is_keras:
             raise TaskError(f"task {name}: only a Keras task (model_file *.keras) can be exported (rule 9)")
     from dlcli.config import KEY_HELP, flat_keys, key_help

@@ -37,7 +37,8 @@ def shared_data(relative: str) -> Path:
 # pytest-xdist hands whole files to its workers in collection order (`--no-loadscope-reorder`):
 # the heaviest go first, so no long file starts when the other worker is nearly done.
 FILE_SECONDS = {"test_faults.py": 172, "test_gan.py": 125, "test_finetune.py": 123, "test_crash_points.py": 46,
-                "test_mnist.py": 42, "test_hostile_inputs.py": 39, "test_predict_batch.py": 33, "test_autoencoder.py": 32, "test_caption.py": 31,
+                "test_mnist.py": 42, "test_exports.py": 40, "test_hostile_inputs.py": 39, "test_predict_batch.py": 33,
+                "test_autoencoder.py": 32, "test_caption.py": 31,
                 "test_fault_injection.py": 20, "test_serve.py": 20, "test_cnn.py": 14, "test_cli.py": 12}
 
 

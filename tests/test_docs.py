@@ -364,7 +364,7 @@ def test_skipped_lines_are_few():
         "dlcli predict cnn photo.jpg --topk 3",           # misspelt predict option
         "dlcli predict names --temperature hot",          # wrong type of a predict option
         "dlcli predict cnn photos/ --json --jsonl",       # options that exclude each other
-        "dlcli export names",                             # a task without an export
+        "dlcli export linear",                            # a task without an export
         "dlcli export mnist --format onnx",               # no such format
         "dlcli visualize cnn-stimuli --filter 0-7",       # misspelt view option
         "dlcli visualize no-such-view",                   # no such view

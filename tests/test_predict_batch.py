@@ -222,7 +222,7 @@ def test_stale_or_foreign_exports_are_refused(tmp_path, cli):
     assert "not a cnn model" in result.stderr or "not cnn" in result.stderr
 
 
-def test_savedmodel_and_the_autoencoders_encoder(tmp_path, cli):
+def test_savedmodel_and_the_autoencoders_encoder_and_decoder(tmp_path, cli):
     import keras
     import tensorflow as tf
 
@@ -240,13 +240,17 @@ def test_savedmodel_and_the_autoencoders_encoder(tmp_path, cli):
     ae = make_run(cli.root, "autoencoder", model="deep", code=8)
     cli("export", "autoencoder", "--runs-dir", cli.root)
     meta = json.loads((ae / "export" / "export.json").read_text())
-    assert meta["output"] == "the encoder's code" and meta["preprocessing"]["offset"] == -0.5
+    assert meta["output"].startswith("encoder: the code") and meta["preprocessing"]["offset"] == -0.5
+    assert list(meta["files"]) == ["encoder", "decoder"] and meta["files"]["decoder"]["input_shapes"] == [[None, 8]]
     encoder = keras.models.load_model(ae / "model.keras").get_layer("encoder")
     faces = np.random.default_rng(3).uniform(-0.5, 0.5, (3, *encoder.input_shape[1:])).astype(np.float32)
-    codes = lite.LiteModel(ae / "export" / "model.tflite")(faces)
+    codes = lite.LiteModel(ae / "export" / "encoder.tflite")(faces)
     assert np.abs(codes - encoder.predict(faces, verbose=0)).max() < 1e-4
+    decoder = keras.models.load_model(ae / "model.keras").get_layer("decoder")
+    decoded = lite.LiteModel(ae / "export" / "decoder.tflite")(codes)
+    assert np.abs(decoded - decoder.predict(codes, verbose=0)).max() < 1e-4
 
-    result = cli("export", "gan", "--runs-dir", cli.root, expect=2)
+    result = cli("export", "linear", "--runs-dir", cli.root, expect=2)
     assert "cannot be exported" in result.stderr
 
 

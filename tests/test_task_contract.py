@@ -76,6 +76,10 @@ def _module(tmp_path, monkeypatch, name: str, **changes) -> str:
     ("badinputs", {"inputs": minimal_task.FileInputs(suffixes=("txt",))}, "suffixes are a tuple like ('.png',) (rule 8)"),
     ("streamalone", {"inputs": None}, "predict_stream must be a function, and needs inputs"),
     ("badexport", {"export": minimal_task.ExportSpec(preprocessing=None)}, "export must be an ExportSpec with a preprocessing(cfg)"),
+    ("badparts", {"export": minimal_task.ExportSpec(preprocessing=dict, models={"Encoder/1": lambda m, ctx: m})},
+     "export.models must be a non-empty dict of part name"),
+    ("bothparts", {"export": minimal_task.ExportSpec(preprocessing=dict, model=lambda m: m, models={"a": lambda m, ctx: m})},
+     "and excludes export.model (rule 9)"),
     ("nohelp", {"defaults": {**minimal_task.DEFAULTS, "wobble": 1}}, "config keys without a help line: wobble; add them to the spec's key_help (rule 10)"),
 ])
 def test_a_task_breaking_a_rule_is_refused_at_registration(tmp_path, monkeypatch, cli, name, changes, message):

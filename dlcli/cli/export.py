@@ -43,4 +43,5 @@ def export_command(
     if json_mode:
         emit_json({**meta, "folder": str(path.parent)})
     elif not quiet:
-        print_path(path)
+        for part in meta.get("files", {}).values() or [{"file": path.name}]:
+            print_path(path.parent / part["file"])

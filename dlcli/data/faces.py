@@ -167,16 +167,33 @@ def folder_fingerprint(files: list[Path]) -> str:
 
 def save_png(image: np.ndarray, path: Path, scale: int = 1) -> Path:
     """A uint8 image as PNG (optionally enlarged, nearest neighbour, so pixels stay visible)."""
+    return save_pngs({Path(path): image}, scale)[0]
+
+
+def save_pngs(images: dict, scale: int = 1) -> list[Path]:
+    """uint8 images as PNG files (path -> image), written together (`atomic_write_all`)."""
     from PIL import Image
 
-    from dlcli.runs.files import atomic_write
+    from dlcli.runs.files import atomic_write_all
 
-    pic = Image.fromarray(np.asarray(image, np.uint8))
-    if scale > 1:
-        pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
-    return atomic_write(Path(path), lambda tmp: pic.save(tmp, format="PNG"))
+    def writer(image):
+        pic = Image.fromarray(np.asarray(image, np.uint8))
+        if scale > 1:
+            pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+        return lambda tmp: pic.save(tmp, format="PNG", compress_level=1)  # small files: fast beats small
+
+    return atomic_write_all({Path(path): writer(image) for path, image in images.items()})
 
 
+def tile(images: np.ndarray, cols: int, gap: int = 2) -> np.ndarray:
+    """uint8 images (N, H, W, 3) as one picture, `cols` a row, `gap` white pixels between them."""
+    n, h, w = images.shape[:3]
+    rows = -(-n // cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = img
+    return out
 
 
 def to_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:

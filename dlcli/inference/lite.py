@@ -1,14 +1,15 @@
 """The models `predict` runs: a run's Keras model, or its exported `.tflite` (no TensorFlow).
 
-`dlcli export TASK --format tflite` writes `<run>/export/`: `model.tflite`, `export.json`
-(the task, the model file it came from with its size and modification time, the
+`dlcli export TASK --format tflite` writes `<run>/export/`: `model.tflite` (or one file per
+part of a task that runs several models, `ExportSpec.models`), `export.json` (the task, the
+model file it came from with its size and modification time, each file's inputs, the
 preprocessing), `classes.json` and `config.yaml`. `predict` then uses the LiteRT interpreter
 (PyPI `ai-edge-litert`) on it, so a one-file call starts in a fraction of a second instead of
 paying TensorFlow's import (about 3 s). An export is only used where it is certainly the
 run's current model: same task, and the model file unchanged since the export; otherwise
 `predict` says so in one line and uses the Keras model.
 
-The models `model_for` loads stay warm in the process (`WARM`, a few of them, keyed by the
+The models `model_for` and `models_for` load stay warm in the process (`WARM`, a few of them, keyed by the
 model file, its size and modification time and the engine): a second predict of the same run
 in one process (a notebook, `dlcli serve`) does not load it again, and a file that changed
 is loaded afresh. Both model classes take one batch at a time (a lock), so threads may share
@@ -112,22 +113,43 @@ def _bucket(n: int, sizes) -> int | None:
 
 
 class LiteModel:
-    """A `.tflite` classifier run by LiteRT on float32 batches of any size.
+    """A `.tflite` model run by LiteRT on batches of any size.
 
-    One interpreter per batch size it has run, at most `KEEP` (resizing one costs a new tensor
-    arena); a batch shorter than a size it has is padded up to the smallest such size, unless
-    that would more than double it. Batches of ever-changing sizes (a server's) then cost no
-    resize after the first few."""
+    Called with the inputs in the Keras model's order (`inputs`: their names, as export.json
+    records them; a one-input model needs none), it returns the output, or the list of
+    outputs in the Keras model's order for a model with several (run through the file's
+    signature, which resizes itself to each call's shapes).
+
+    A one-input model keeps one interpreter per batch size it has run, at most `KEEP`
+    (resizing one costs a new tensor arena); a batch shorter than a size it has is padded up
+    to the smallest such size, unless that would more than double it. Batches of
+    ever-changing sizes (a server's) then cost no resize after the first few. A file exported
+    for a fixed batch size (`ExportSpec.batch`) runs every call in batches of that size, the
+    last padded."""
 
     KEEP = 10  # the powers of two up to 512
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, inputs: list[str] | None = None):
         self.path, self.threads = Path(path), threads or os.cpu_count() or 1
         self.interpreters: dict[int, object] = {}
         self.spare = self._interpreter(None)  # read for its details, then the first batch size's
-        self.input = self.spare.get_input_details()[0]
-        self.output = self.spare.get_output_details()[0]
+        details, outputs = self.spare.get_input_details(), self.spare.get_output_details()
+        self.input, self.output = details[0], outputs[0]
         self.lock = threading.Lock()
+        self.single = len(details) == 1 and len(outputs) == 1
+        first = int(self.input.get("shape_signature", [-1])[0]) if len(self.input["shape"]) else -1
+        self.fixed = first if first > 0 and self.single else None
+        if not self.single:
+            self.signed, self.spare = self.spare, None
+            signature = self.signed.get_signature_list()["serving_default"]
+            names = list(inputs or signature["inputs"])
+            if sorted(names) != sorted(signature["inputs"]):
+                raise UsageError(f"{path}: its inputs are {', '.join(signature['inputs'])}, not {', '.join(names)}")
+            self.runner = self.signed.get_signature_runner()
+            kinds = self.runner.get_input_details()
+            self.inputs = [(name, kinds[name]["dtype"]) for name in names]
+            self.outputs = sorted(signature["outputs"], key=lambda k: int(k.rpartition("_")[2]))  # output_0, output_1...
+            self.shapes = None
 
     def _interpreter(self, rows: int | None):
         from ai_edge_litert.interpreter import Interpreter
@@ -145,9 +167,14 @@ class LiteModel:
             self.interpreters[rows] = interpreter
         return interpreter
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        n = len(x)
+    def __call__(self, *xs: np.ndarray):
         with self.lock:
+            if not self.single:
+                return self._run_signature(xs)
+            (x,) = xs
+            if self.fixed:
+                return self._run_fixed(x)
+            n = len(x)
             rows = _bucket(n, self.interpreters)
             if rows is None or rows > 2 * n:
                 rows = n
@@ -157,9 +184,38 @@ class LiteModel:
                 interpreter.resize_tensor_input(self.input["index"], [rows, *x.shape[1:]])
                 with _quiet_stderr():
                     interpreter.allocate_tensors()
-            interpreter.set_tensor(self.input["index"], np.ascontiguousarray(_padded(x, rows), np.float32))
+            interpreter.set_tensor(self.input["index"], np.ascontiguousarray(_padded(x, rows), self.input["dtype"]))
             interpreter.invoke()
             return interpreter.get_tensor(self.output["index"])[:n].copy()
+
+    def _run_fixed(self, x: np.ndarray) -> np.ndarray:
+        """A model of a fixed batch size B: batches of B, the last padded with zeros (each row
+        is computed on its own, so the padding changes no other row)."""
+        b, n, out = self.fixed, len(x), []
+        interpreter = self.interpreters.get(b)
+        if interpreter is None:
+            interpreter = self._interpreter(b)
+            with _quiet_stderr():
+                interpreter.allocate_tensors()
+        x = np.ascontiguousarray(x, self.input["dtype"])
+        for s in range(0, n, b):
+            interpreter.set_tensor(self.input["index"], _padded(x[s: s + b], b))
+            interpreter.invoke()
+            out.append(interpreter.get_tensor(self.output["index"])[: n - s].copy())
+        return np.concatenate(out) if out else np.zeros((0, *self.output["shape"][1:]), self.output["dtype"])
+
+    def _run_signature(self, xs):
+        if len(xs) != len(self.inputs):
+            raise ValueError(f"{self.path.name} takes {len(self.inputs)} inputs, got {len(xs)}")
+        feed = {name: np.ascontiguousarray(x, dtype) for (name, dtype), x in zip(self.inputs, xs)}
+        shapes = [v.shape for v in feed.values()]
+        if shapes != self.shapes:  # the runner resizes and allocates for new shapes, which logs
+            with _quiet_stderr():
+                out = self.runner(**feed)
+            self.shapes = shapes
+        else:
+            out = self.runner(**feed)
+        return [np.array(out[name]) for name in self.outputs]
 
 
 class KerasModel:
@@ -170,7 +226,8 @@ class KerasModel:
     batch shape makes Keras trace its predict step again, 0.1 s for cnn (more than two batches
     of 128 cost), and inference treats each image on its own, so the padding changes no other
     row. A server runs the powers of two up to its batch size once at start (`dlcli serve`'s
-    warm-up), so that no batch pays a trace or more than twice its own size.
+    warm-up), so that no batch pays a trace or more than twice its own size. A model of several
+    inputs takes them in order, and one of several outputs returns their list.
     """
 
     def __init__(self, model):
@@ -178,12 +235,16 @@ class KerasModel:
         self.sizes: set[int] = set()
         self.lock = threading.Lock()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        n = len(x)
+    def __call__(self, *xs: np.ndarray):
+        n = len(xs[0])
         with self.lock:
             rows = _bucket(n, self.sizes) or n
             self.sizes.add(rows)
-            return np.asarray(self.model.predict_on_batch(_padded(x, rows)))[:n]
+            padded = [_padded(x, rows) for x in xs]
+            out = self.model.predict_on_batch(padded if len(padded) > 1 else padded[0])
+        if isinstance(out, (list, tuple)):
+            return [np.asarray(o)[:n] for o in out]
+        return np.asarray(out)[:n]
 
 
 WARM_MODELS = 4  # models `model_for` keeps loaded in a process, the most recently used
@@ -216,61 +277,119 @@ def _key(path: Path, engine: str, *more) -> tuple:
     return (str(path.resolve()), stamp, engine, *more)
 
 
-def model_for(ctx, task: str, load_keras: Callable[[], object] | None = None):
-    """The model `predict` runs for this context: the export where it is usable, else Keras
-    (`load_keras()`; by default the run's model without its optimizer, which predict never uses).
+def _default_loader(ctx, task: str) -> Callable[[], object]:
+    def load_keras():
+        from dlcli.runs.checkpoints import load_model
 
-    `--checkpoint FILE.tflite` uses that export (refused, exit 2, if it is another task's or
-    stale); otherwise the run's `export/model.tflite` is used when `--engine` is auto or lite
-    and it passes `check_export`, and a refused one is named in one line. `auto` skips the
+        return load_model(ctx.model_path, task, compile=False)
+
+    return load_keras
+
+
+def export_folder(ctx, task: str) -> Path | None:
+    """The export `predict` runs for this context, or None for the Keras model.
+
+    `--checkpoint FILE.tflite` uses the export that file belongs to (refused, exit 2, if it is
+    another task's or stale); otherwise the run's `export/` is used when `--engine` is auto or
+    lite and it passes `check_export`, and a refused one is named in one line. `auto` skips the
     export of a model that computes in mixed precision (cnn's bfloat16): the float32 export
-    does not reproduce its probabilities to 1e-4, and on CPUs with bfloat16 Keras is faster."""
-    custom = load_keras is not None
-    if load_keras is None:
-        def load_keras():
-            from dlcli.runs.checkpoints import load_model
-
-            return load_model(ctx.model_path, task, compile=False)
-
-    def keras_model():
-        _chose(ctx, "keras")
-        if custom:  # a task's own loader: its model may be anything, so it is not kept
-            return KerasModel(load_keras())
-        return _warm(_key(ctx.model_path, "keras", task), lambda: KerasModel(load_keras()))
-
-    def lite_model(path: Path):
-        _chose(ctx, "lite")
-        return _warm(_key(path, "lite"), lambda: LiteModel(path))
-
+    does not reproduce its outputs to 1e-4, and on CPUs with bfloat16 Keras is faster."""
     engine = ctx.options.get("engine", "auto")
-    explicit = ctx.checkpoint is not None and Path(ctx.checkpoint).suffix == ".tflite"
-    if explicit:
+    if ctx.checkpoint is not None and Path(ctx.checkpoint).suffix == ".tflite":
+        problem = check_export(Path(ctx.checkpoint), task, None) or _missing_parts(Path(ctx.checkpoint).parent, task)
+        if problem:
+            raise UsageError(problem)
+        return Path(ctx.checkpoint).parent
+    if engine == "keras" or ctx.checkpoint is not None:
+        return None
+    folder = ctx.run.file(EXPORT_DIR)
+    main = _main_file(folder)
+    if main is None:
+        if engine == "lite":
+            raise UsageError(f"run {ctx.run.name} has no export; run `dlcli export {task} --run {ctx.run.name} "
+                             f"--format tflite` first")
+        return None
+    problem = check_export(main, task, ctx.run.file(ctx_model_file(task))) or _missing_parts(folder, task)
+    exact = (read_meta(main) or {}).get("keras_precision", "float32") == "float32"
+    if problem is None:
+        return folder if exact or engine == "lite" else None  # mixed precision: Keras, unless --engine lite
+    if engine == "lite":
+        raise UsageError(problem)
+    from rich.markup import escape
+
+    from dlcli.engine.streams import console, printable
+
+    console(stderr=True).print(
+        f"[yellow]warning:[/] not using the export: {escape(printable(problem))}; predicting with the Keras model",
+        soft_wrap=True)
+    return None
+
+
+def _main_file(folder: Path) -> Path | None:
+    """The export's main .tflite file (export.json's `file`), if the folder holds a TFLite export."""
+    meta = read_meta(folder / META)  # read_meta reads the export.json beside the path it is given
+    name = meta.get("file") if meta else "model.tflite"
+    path = folder / str(name)
+    return path if path.suffix == ".tflite" and path.exists() else None
+
+
+def _files(folder: Path) -> dict:
+    """An export's files by part (export.json's `files`; an export without it has one, `model`)."""
+    return (read_meta(folder / META) or {}).get("files") or {"model": {"file": "model.tflite"}}
+
+
+def _missing_parts(folder: Path, task: str) -> str | None:
+    """Why an export lacks some of the parts the task runs (an export of an older dlcli), or None."""
+    from dlcli.tasks import get_task
+
+    files = _files(folder)
+    missing = [p for p in get_task(task).export.parts if p not in files or not (folder / files[p]["file"]).exists()]
+    if not missing:
+        return None
+    run = (read_meta(folder / META) or {}).get("run", "NAME")
+    return f"{folder} lacks the part(s) {', '.join(missing)} that {task} runs; run `dlcli export {task} --run {run}` again"
+
+
+def models_for(ctx, task: str, load_keras: Callable[[], object] | None = None) -> dict:
+    """The models `predict` runs for this context, by part name (`ExportSpec.parts`): each
+    part's .tflite where the export is usable (`export_folder`), else the Keras model of each
+    part, picked by the task's `ExportSpec` from `load_keras()` (by default the run's model
+    without its optimizer, which predict never uses). They stay warm in the process (`WARM`),
+    except those of a task's own loader, whose model may be anything."""
+    from dlcli.tasks import get_task
+
+    ex = get_task(task).export
+    parts = ex.parts if ex is not None else ["model"]
+    folder = export_folder(ctx, task)
+    if folder is not None:
+        _chose(ctx, "lite")
+        files = _files(folder)
+        return {p: _warm(_key(folder / files[p]["file"], "lite"),
+                         lambda p=p: LiteModel(folder / files[p]["file"], inputs=files[p].get("inputs")))
+                for p in parts}
+    _chose(ctx, "keras")
+
+    def keras_parts():
+        model = (load_keras or _default_loader(ctx, task))()
+        if ex is not None and ex.models:
+            return {name: KerasModel(picker(model, ctx)) for name, picker in ex.models.items()}
+        return {"model": KerasModel(ex.model(model) if ex is not None and ex.model is not None else model)}
+
+    if load_keras is not None:
+        return keras_parts()
+    return dict(_warm(_key(ctx.model_path, "keras", task), keras_parts))
+
+
+def model_for(ctx, task: str, load_keras: Callable[[], object] | None = None):
+    """The one model `predict` runs for a task that exports one file (`models_for`'s `model`);
+    `--checkpoint FILE.tflite` runs that file."""
+    if ctx.checkpoint is not None and Path(ctx.checkpoint).suffix == ".tflite":
         problem = check_export(Path(ctx.checkpoint), task, None)
         if problem:
             raise UsageError(problem)
-        return lite_model(Path(ctx.checkpoint))
-    if engine != "keras" and ctx.checkpoint is None:
-        tflite = ctx.run.file(EXPORT_DIR) / "model.tflite"
-        if tflite.exists():
-            problem = check_export(tflite, task, ctx.run.file(ctx_model_file(task)))
-            exact = (read_meta(tflite) or {}).get("keras_precision", "float32") == "float32"
-            if problem is None and (exact or engine == "lite"):
-                return lite_model(tflite)
-            if problem is None:  # a mixed-precision model: Keras, unless --engine lite asks for the export
-                return keras_model()
-            if engine == "lite":
-                raise UsageError(problem)
-            from rich.markup import escape
-
-            from dlcli.engine.streams import console, printable
-
-            console(stderr=True).print(
-                f"[yellow]warning:[/] not using the export: {escape(printable(problem))}; predicting with the Keras model",
-                soft_wrap=True)
-        elif engine == "lite":
-            raise UsageError(f"run {ctx.run.name} has no export; run `dlcli export {task} --run {ctx.run.name} "
-                             f"--format tflite` first")
-    return keras_model()
+        _chose(ctx, "lite")
+        return _warm(_key(Path(ctx.checkpoint), "lite"), lambda: LiteModel(Path(ctx.checkpoint)))
+    return models_for(ctx, task, load_keras)["model"]
 
 
 def _chose(ctx, engine: str) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from dlcli.data import sources as data_lib
 from dlcli.data import faces
 from dlcli.engine import training
+from dlcli.inference import lite
 from dlcli.errors import UsageError
 from dlcli.data.images import in_input_order, read_many
 from dlcli.engine.lazy import lazy_import
@@ -153,6 +154,11 @@ def _out_dir(ctx: Context) -> Path:
     return out
 
 
+def batched(run, x: np.ndarray, size: int = 256) -> np.ndarray:
+    """`run` (an exported or Keras part) over `x` in batches of `size`."""
+    return np.concatenate([run(x[s: s + size]) for s in range(0, len(x), size)])
+
+
 def index_codes(ctx: Context, encoder, folder: str) -> tuple[list[str], np.ndarray]:
     """Codes of every image under `folder`, computed once and cached in the run's index/."""
     files = faces.list_images(folder)
@@ -162,7 +168,7 @@ def index_codes(ctx: Context, encoder, folder: str) -> tuple[list[str], np.ndarr
         with np.load(cache, allow_pickle=False) as data:
             return [str(p) for p in data["paths"]], data["codes"]
     ctx.reporter.info(f"indexing {len(files)} faces of {folder} (cached in {cache.parent})")
-    codes = encoder.predict(scale(faces.read_faces(files, ctx.cfg)), batch_size=256, verbose=0)
+    codes = batched(encoder, scale(faces.read_faces(files, ctx.cfg)))
     paths = np.array([str(f) for f in files])
     atomic_write_npz(cache, paths=paths, codes=codes)
     return [str(p) for p in paths], codes
@@ -215,8 +221,8 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
         raise UsageError(f"--index {opts['index']}: no such folder")
     if opts["steps"] < 2:
         raise UsageError(f"--steps must be >= 2, got {opts['steps']}")
-    model = load(ctx)
-    encoder, decoder = parts(model)
+    models = lite.models_for(ctx, "autoencoder")  # the exported encoder and decoder where current, else Keras
+    encoder, decoder = models["encoder"], models["decoder"]
     good, images, failures = read_many(inputs, lambda p: faces.read_face(p, ctx.cfg))
     out = _out_dir(ctx)
     rows: list[dict] = []
@@ -224,15 +230,15 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     if morph:
         if failures:
             return failures
-        codes = encoder.predict(scale(np.stack(images)), verbose=0)
-        frames = unscale(decoder.predict(morph_codes(codes[0], codes[1], opts["steps"]), verbose=0))
+        codes = encoder(scale(np.stack(images)))
+        frames = unscale(batched(decoder, morph_codes(codes[0], codes[1], opts["steps"])))
         path = out / f"morph-{Path(good[0]).stem}-{Path(good[1]).stem}.png"
         faces.save_png(strip(list(frames)), path, PNG_SCALE)
         return [{"input": f"{good[0]} -> {good[1]}", "steps": opts["steps"], "path": str(path)}]
     if images:
         x = scale(np.stack(images))
-        codes = encoder.predict(x, verbose=0)
-        recon = decoder.predict(codes, verbose=0)
+        codes = batched(encoder, x)
+        recon = batched(decoder, codes)
         if opts["similar"]:
             index_paths, index_codes_ = index_codes(ctx, encoder, opts["index"])
         for path, img, code, rec, xs in zip(good, images, codes, recon, x):
@@ -331,9 +337,13 @@ def export_preprocessing(cfg: dict) -> dict:
         "shape": [size, size, 3], "scale": 1 / 255, "offset": -0.5, "output": "the encoder's code"}
 
 
-# The encoder is what is worth running elsewhere: a photo in, its code out.
-EXPORT = ExportSpec(preprocessing=export_preprocessing, model=lambda model: model.get_layer("encoder"),
-                    output="the encoder's code")
+# encoder.tflite: a photo in, its code out; decoder.tflite: a code in, a face out (x + 0.5,
+# x 255 for pixels). predict's reconstructions, look-alikes and morphs run on the two.
+EXPORT = ExportSpec(preprocessing=export_preprocessing,
+                    models={"encoder": lambda model, ctx: model.get_layer("encoder"),
+                            "decoder": lambda model, ctx: model.get_layer("decoder")},
+                    output="encoder: the code of a face; decoder: the face of a code, on the scale x / 255 - 0.5; "
+                           "in batches of 16", batch=16)  # fixed: the decoder's transposed convolutions run on XNNPACK
 
 
 # What this task's own config keys mean (and its own meaning of shared ones), for

@@ -55,11 +55,12 @@ from dlcli.pretrained import backbones
 from dlcli.data import sources as data_lib
 from dlcli.engine import schedules
 from dlcli.engine import training
+from dlcli.inference import lite
 from dlcli.errors import UsageError
 from dlcli.data.images import in_input_order, read_image, read_many
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_json, atomic_write_npz
-from dlcli.tasks import Context, DataRules, FileInputs, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -372,26 +373,53 @@ def build_model(cfg: dict, embed_dim: int, vocab_size: int, mean: np.ndarray, va
     return model
 
 
-class Decoder:
-    """Step-by-step use of a trained caption model's layers, for greedy, sampled and beam decoding."""
+def start_model(model):
+    """The decoder's start: an image embedding -> the LSTM's initial state (h, which is also c)."""
+    image = keras.Input((model.get_layer("embedding_norm").input.shape[-1],), name="image_embedding")
+    x = image
+    for name in ("embedding_norm", "image_bottleneck", "image_to_state"):  # dropout is off at inference
+        x = model.get_layer(name)(x)
+    return keras.Model(image, x, name="caption_start")
 
-    def __init__(self, model, vocab: list[str], max_tokens: int):
-        self.layers = {name: model.get_layer(name) for name in (
-            "embedding_norm", "image_bottleneck", "image_to_state", "word_embedding", "lstm", "logit_bottleneck", "logits")}
+
+def step_model(model):
+    """One step of the decoder: (previous word ids (N,), h, c) -> (next-word log-probabilities
+    (N, V), new h, new c), sharing the model's weights. Greedy, sampled and beam decoding drive
+    it from NumPy, through Keras or as the exported step.tflite."""
+    words = keras.Input((), dtype="int32", name="word")
+    units = model.get_layer("lstm").cell.units
+    h, c = keras.Input((units,), name="h"), keras.Input((units,), name="c")
+    seq, (new_h, new_c) = model.get_layer("lstm").cell(model.get_layer("word_embedding")(words), [h, c])
+    logits = model.get_layer("logits")(model.get_layer("logit_bottleneck")(seq))
+    logp = keras.layers.Activation("log_softmax", name="log_probabilities")(logits)
+    return keras.Model([words, h, c], [logp, new_h, new_c], name="caption_step")
+
+
+class Decoder:
+    """Greedy, sampled and beam decoding from NumPy over two models: `start` (image embeddings
+    -> the LSTM's first state) and `step` (word ids, h, c -> log-probabilities, h, c), each an
+    exported .tflite or the Keras models `start_model` and `step_model` pick (`of_model`)."""
+
+    def __init__(self, start, step, vocab: list[str], max_tokens: int):
+        self._start, self._step = start, step
         self.vocab, self.max_tokens = vocab, max_tokens
         self.banned = [PAD_ID, UNK_ID, START_ID]
 
+    @classmethod
+    def of_model(cls, model, vocab: list[str], max_tokens: int) -> "Decoder":
+        from dlcli.inference.lite import KerasModel
+
+        return cls(KerasModel(start_model(model)), KerasModel(step_model(model)), vocab, max_tokens)
+
     def start(self, vectors: np.ndarray):
-        L = self.layers
-        h = L["image_to_state"](L["image_bottleneck"](L["embedding_norm"](vectors.astype(np.float32))))
+        h = np.asarray(self._start(vectors.astype(np.float32)))
         return h, h
 
     def step(self, words: np.ndarray, state):
-        L = self.layers
-        seq, h, c = L["lstm"](L["word_embedding"](words.astype(np.int32)[:, None]), initial_state=list(state))
-        logits = np.asarray(L["logits"](L["logit_bottleneck"](seq[:, 0])), np.float64)
-        logits[:, self.banned] = -np.inf
-        logp = logits - logits.max(1, keepdims=True)
+        logp, h, c = self._step(words.astype(np.int32), *state)
+        logp = np.asarray(logp, np.float64)
+        logp[:, self.banned] = -np.inf  # never generated: the rest renormalised
+        logp -= logp.max(1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         return logp, (h, c)
 
@@ -519,7 +547,7 @@ def evaluate(ctx: Context) -> dict:
     held_ds, shape = pipeline(held_vectors, held_index, held_tokens)
     loss, accuracy = model.evaluate(held_ds.map(shape).batch(256), verbose=0)
     references = [[tokenize(c) for c in caps] for _, caps in data.heldout]
-    decoder = Decoder(model, vocab, cfg["max_caption_tokens"])
+    decoder = Decoder.of_model(model, vocab, cfg["max_caption_tokens"])
     metrics = {"heldout_images": len(data.heldout), "next_word_accuracy": float(accuracy), "loss": float(loss)}
     widths = [1] + ([cfg["eval_beam"]] if cfg["eval_beam"] > 1 else [])
     for width in widths:
@@ -563,25 +591,57 @@ def _decode(ctx: Context, decoder: Decoder, vectors: np.ndarray) -> list[list[st
     return decoder.beam(vectors, beam)
 
 
-def predict(ctx: Context, inputs: list[str]) -> list[dict]:
-    if not inputs:
-        raise UsageError("give image files to caption: `dlcli predict caption photo.jpg [more.jpg ...]`")
-    model = training.load_model(ctx.model_path, "caption")
-    vocab = _vocab(ctx)
+def run_encoder_spec(ctx: Context) -> dict:
+    """The encoder the run was trained with (its encoder.json), else the one its config builds."""
     spec_path = ctx.run.file("encoder.json")
     spec = ctx.run.read_json("encoder.json") if spec_path.exists() else encoder_spec(ctx.cfg)
     if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), str) or not isinstance(spec.get("image_size"), int):
         raise UsageError(f"{spec_path} is not an encoder description (backbone, image_size)")
+    return spec
+
+
+def prepare(spec: dict, images: list[np.ndarray]) -> np.ndarray:
+    """Photos -> the encoder's input batch, in NumPy and Pillow (no TensorFlow): the centred
+    square, resized (antialiased bilinear), scaled as the backbone's weights expect."""
+    crops = np.stack([backbones.centre_crop_numpy(image, spec["image_size"]) for image in images])
+    return backbones.preprocess_numpy(backbones.NUMPY_MODES[spec["backbone"]], crops)
+
+
+def predict(ctx: Context, inputs: list[str]) -> list[dict]:
+    if not inputs:
+        raise UsageError("give image files to caption: `dlcli predict caption photo.jpg [more.jpg ...]`")
+    vocab = _vocab(ctx)
+    spec = run_encoder_spec(ctx)
     good, images, failures = read_many(inputs, lambda p: read_image(p, mode="RGB"))
     rows = []
     if images:
-        encoder = build_encoder(spec)
-        vectors = np.concatenate([
-            encoder.predict(backbones.prepare_numpy(spec["backbone"], images[s: s + 32], spec["image_size"]), verbose=0)
-            for s in range(0, len(images), 32)])
-        captions = _decode(ctx, Decoder(model, vocab, ctx.cfg["max_caption_tokens"]), vectors)
+        models = lite.models_for(ctx, "caption")  # the exported encoder, start and step where current, else Keras
+        vectors = np.concatenate([models["encoder"](prepare(spec, images[s: s + 32])) for s in range(0, len(images), 32)])
+        decoder = Decoder(models["start"], models["step"], vocab, ctx.cfg["max_caption_tokens"])
+        captions = _decode(ctx, decoder, vectors)
         rows = [{"input": p, "caption": " ".join(c), "text": " ".join(c)} for p, c in zip(good, captions)]
     return in_input_order(inputs, rows + failures)
+
+
+def export_preprocessing(cfg: dict) -> dict:
+    """How a user of the exported encoder, start and step captions a photo (export.json)."""
+    size, mode = cfg["image_size"], backbones.NUMPY_MODES[cfg["backbone"]]
+    return {"input": "RGB photo of any size", "steps": [
+        "the centred square", f"resize to {size}x{size} (bilinear, antialiased)", f"{mode} scaling (see mode)",
+        "encoder.tflite: the image embedding", "start.tflite: the LSTM's first state h (c = h)",
+        "step.tflite from #START#: word id, h, c -> log-probabilities of the next word, h, c; until #END#"],
+        "code": "dlcli.tasks.caption.prepare + Decoder", "shape": [size, size, 3], "mode": mode,
+        "vocabulary": "vocab.json", "never_generated": SPECIALS[:3], "start": START_ID, "end": END_ID,
+        "max_tokens": cfg["max_caption_tokens"]}
+
+
+EXPORT = ExportSpec(
+    preprocessing=export_preprocessing,
+    models={"encoder": lambda model, ctx: build_encoder(run_encoder_spec(ctx)),
+            "start": lambda model, ctx: start_model(model),
+            "step": lambda model, ctx: step_model(model)},
+    output="encoder: image embeddings; start: the LSTM's first state; step: next-word log-probabilities and state",
+    files=("vocab.json", "encoder.json"))
 
 
 # -- views ---------------------------------------------------------------------------------
@@ -597,7 +657,7 @@ def view_samples(ctx: Context) -> Path:
     data = load_data(cfg)
     held_vectors = heldout_embeddings(ctx, data)
     n = min(ctx.options["n"], len(data.heldout))
-    captions = _decode(ctx, Decoder(model, vocab, cfg["max_caption_tokens"]), held_vectors[:n])
+    captions = _decode(ctx, Decoder.of_model(model, vocab, cfg["max_caption_tokens"]), held_vectors[:n])
     crops = [backbones.crop_resize(image, 224).numpy()
              for _, image in _images(cfg, data, data.heldout[:n], data.heldout_split)]
     plt = pyplot()
@@ -658,4 +718,5 @@ TASK = TaskSpec(
     },
     key_help=KEY_HELP,
     inputs=FileInputs(),
+    export=EXPORT,
 )

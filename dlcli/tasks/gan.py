@@ -55,10 +55,11 @@ from dlcli.data import sources as data_lib
 from dlcli.data import faces
 from dlcli.pretrained import image_distance
 from dlcli.engine import keras_workarounds, training
+from dlcli.inference import lite
 from dlcli.errors import UsageError
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_npy, atomic_write_npz
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, ExportSpec, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -526,20 +527,30 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     n = ctx.options["n"]
     if n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
-    generator = training.load_model(ctx.model_path, "gan")
+    generator = lite.model_for(ctx, "gan")  # the export's generator where it is current, else Keras
     seed = ctx.cfg["seed"]
-    images = to_pixels(generator.predict(latent(n, seed, generator.input_shape[-1]), batch_size=256, verbose=0))
+    codes = latent(n, seed, ctx.cfg["code_size"])
+    images = to_pixels(np.concatenate([generator(codes[s: s + 256]) for s in range(0, n, 256)]))
     out = ctx.out or ctx.run.file("samples")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, img in enumerate(images):
-        path = faces.save_png(img, out / f"face-{seed}-{i:04d}.png")
-        rows.append({"input": f"seed {seed} #{i}", "path": str(path)})
-    from dlcli.plots import image_grid
-
-    grid = image_grid(list(images), out / f"grid-{seed}.png", cols=min(8, n), tile_inches=0.9)
+    paths = faces.save_pngs({out / f"face-{seed}-{i:04d}.png": img for i, img in enumerate(images)})
+    rows = [{"input": f"seed {seed} #{i}", "path": str(path)} for i, path in enumerate(paths)]
+    grid = faces.save_png(faces.tile(images, min(8, n)), out / f"grid-{seed}.png", scale=2)
     rows.append({"input": f"seed {seed} grid", "path": str(grid)})
     return rows
+
+
+def export_preprocessing(cfg: dict) -> dict:
+    """What a user of the exported generator gives it (export.json)."""
+    return {"input": f"codes (N, {cfg['code_size']}) drawn from the standard normal distribution",
+            "shape": [cfg["code_size"]], "code": "dlcli.tasks.gan.latent",
+            "output": f"faces (N, {cfg['image_size']}, {cfg['image_size']}, 3) on [0, 1]; x 255 for pixels"}
+
+
+# The generator that draws the samples (with `ema`, the averaged weights): codes in, faces out.
+# A fixed batch of 16: the transposed convolutions then run on XNNPACK (64 faces in 0.16 s, not 0.42).
+EXPORT = ExportSpec(preprocessing=export_preprocessing, output="faces on [0, 1] (N, size, size, 3), in batches of 16",
+                    batch=16)
 
 
 # -- views --------------------------------------------------------------------------------
@@ -641,4 +652,5 @@ TASK = TaskSpec(
         "gan-discriminator": View(view_discriminator, "histograms of D(x) and D(G(z)) on held-out faces"),
     },
     key_help=KEY_HELP,
+    export=EXPORT,
 )

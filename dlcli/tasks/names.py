@@ -28,11 +28,12 @@ import numpy as np
 
 from dlcli.data import sources as data_lib
 from dlcli.engine import training
+from dlcli.inference import lite
 from dlcli.errors import RunError, UsageError
 from dlcli.engine.lazy import lazy_import
 from dlcli.plots import pyplot, save_figure
 from dlcli.runs.files import atomic_write_json, atomic_write_text
-from dlcli.tasks import Context, DataRules, Option, TaskSpec, View, common_defaults
+from dlcli.tasks import Context, DataRules, ExportSpec, Option, TaskSpec, View, common_defaults
 
 keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
@@ -265,12 +266,57 @@ def model_bpc(model, lines: list[str], vocab: Vocab) -> float:
 # -- sampling -------------------------------------------------------------------------------
 
 
-def sample_names(model, vocab: Vocab, n: int, prefix: str = "", temperature: float = 1.0,
+def step_model(model):
+    """One step of the trained network: (token ids (N,), each layer's state) -> (next-token
+    logits (N, V), each layer's new state), sharing the model's weights. Sampling drives it
+    from NumPy, through Keras or as the exported step.tflite; an LSTM layer has two states
+    (h, c), a GRU or simple RNN one. It gives what the model gives at the last position of an
+    unpadded sequence fed so far (dropout is off at inference)."""
+    token = keras.Input((), dtype="int32", name="token")
+    x = _drop_mask()(model.get_layer("embedding")(token))  # a step has no padding: the cells take no mask
+    states_in, states_out = [], []
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.RNN):
+            continue
+        sizes = layer.cell.state_size if isinstance(layer.cell.state_size, (list, tuple)) else [layer.cell.state_size]
+        inputs = [keras.Input((int(size),), name=f"{layer.name}_state_{i}") for i, size in enumerate(sizes)]
+        x, new = layer.cell(x, inputs)
+        states_in += inputs
+        states_out += list(new) if isinstance(new, (list, tuple)) else [new]
+    logits = model.get_layer("next_token")(x)
+    return keras.Model([token, *states_in], [logits, *states_out], name="names_step")
+
+
+def _drop_mask():
+    """A layer passing its input on without the padding mask the embedding attaches."""
+
+    class DropMask(keras.layers.Layer):
+        def __init__(self):
+            super().__init__(name="drop_mask")
+            self.supports_masking = True
+
+        def call(self, x):
+            return keras.ops.copy(x)  # a new tensor, which carries no mask
+
+        def compute_mask(self, x, mask=None):
+            return None
+
+    return DropMask()
+
+
+def state_sizes(cfg: dict) -> list[int]:
+    """The sizes of the step's states, in its order: `layers` x (h, c for an LSTM; h otherwise)."""
+    return [cfg["units"]] * (cfg["layers"] * (2 if cfg["model"] == "lstm" else 1))
+
+
+def sample_names(step, vocab: Vocab, n: int, sizes: list[int], prefix: str = "", temperature: float = 1.0,
                  max_length: int | None = None, top_k: int = 0, seed: int | None = None) -> list[str]:
     """`n` names that start with `prefix`, drawn token by token from p ** (1 / temperature).
 
-    All names grow together, one model call a step; a name stops at `<end>` or at
-    `max_length` characters. `<end>` is never drawn for an empty name.
+    `step` is the network's one step (`step_model`, through Keras or its export): all names
+    grow together, one call a token, with the states of `sizes`; one NumPy generator draws
+    every random number, so both engines give the same names at the same seed. A name stops
+    at `<end>` or at `max_length` characters. `<end>` is never drawn for an empty name.
     """
     if temperature <= 0:
         raise UsageError(f"--temperature must be > 0; got {temperature}")
@@ -282,11 +328,16 @@ def sample_names(model, vocab: Vocab, n: int, prefix: str = "", temperature: flo
         raise UsageError(f"--max-length must be >= 1 and >= the prefix's length; got {max_length}")
     rng = np.random.default_rng(seed)
     seqs = np.tile(np.array([START, *vocab.encode(prefix)], np.int32), (n, 1))
+    states = [np.zeros((n, size), np.float32) for size in sizes]
+    for t in range(seqs.shape[1]):  # <start> and the prefix: the states after them
+        logits, *states = step(seqs[:, t], *states)
     done = np.zeros(n, bool)
-    for _ in range(max_length - len(prefix)):
+    for i in range(max_length - len(prefix)):
         if done.all():
             break
-        logits = keras.ops.convert_to_numpy(model(seqs, training=False))[:, -1].astype(np.float64)
+        if i:
+            logits, *states = step(seqs[:, -1], *states)
+        logits = np.asarray(logits, np.float64)
         logits[:, [PAD, START]] = -np.inf
         if seqs.shape[1] == 1:
             logits[:, END] = -np.inf
@@ -307,13 +358,20 @@ def sample_names(model, vocab: Vocab, n: int, prefix: str = "", temperature: flo
     return names
 
 
-def sample_new_names(model, vocab: Vocab, n: int, known: set[str], seed: int | None = None,
+def keras_step(model):
+    """A Keras model's step as `sample_names` calls it."""
+    from dlcli.inference.lite import KerasModel
+
+    return KerasModel(step_model(model))
+
+
+def sample_new_names(step, vocab: Vocab, n: int, sizes: list[int], known: set[str], seed: int | None = None,
                      tries: int = 20, **kwargs) -> list[str]:
     """`n` distinct names not in `known`, sampling rounds until found; fewer if the model cannot."""
     found: list[str] = []
     rng = np.random.default_rng(seed)
     for _ in range(tries):
-        for name in sample_names(model, vocab, max(n, 16), seed=int(rng.integers(2**31)), **kwargs):
+        for name in sample_names(step, vocab, max(n, 16), sizes, seed=int(rng.integers(2**31)), **kwargs):
             if name not in known and name not in found:
                 found.append(name)
         if len(found) >= n:
@@ -354,7 +412,7 @@ def train(ctx: Context) -> dict:
         callbacks=[training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
     )
     known = set(train_lines)
-    samples = sample_names(model, vocab, cfg["samples"], seed=cfg["seed"])
+    samples = sample_names(keras_step(model), vocab, cfg["samples"], state_sizes(cfg), seed=cfg["seed"])
     return {
         "val_loss": history[-1]["val_loss"],
         "val_bpc": model_bpc(model, val_lines, vocab),
@@ -366,15 +424,20 @@ def train(ctx: Context) -> dict:
     }
 
 
-def _load(ctx: Context):
-    """The run's model, vocabulary and training names (in their training order)."""
+def _texts(ctx: Context) -> tuple[Vocab, list[str]]:
+    """The run's vocabulary and training names (in their training order)."""
     vocab = Vocab.load(ctx.run.file(VOCAB_FILE))
-    model = training.load_model(ctx.model_path, "names")
     try:
         train_lines = ctx.run.file(TRAIN_NAMES_FILE).read_text(encoding="utf-8").splitlines()
     except OSError:
         raise UsageError(f"run {ctx.run.dir} has no {TRAIN_NAMES_FILE}; train it again") from None
-    return model, vocab, train_lines
+    return vocab, train_lines
+
+
+def _load(ctx: Context):
+    """The run's model, vocabulary and training names (in their training order)."""
+    vocab, train_lines = _texts(ctx)
+    return training.load_model(ctx.model_path, "names"), vocab, train_lines
 
 
 def evaluate(ctx: Context) -> dict:
@@ -424,16 +487,18 @@ def predict(ctx: Context, inputs: list[str]) -> list[dict]:
     opts = ctx.options
     if opts["n"] < 1:
         raise UsageError(f"--n must be >= 1; got {opts['n']}")
-    model, vocab, train_lines = _load(ctx)
+    vocab, train_lines = _texts(ctx)
+    step = lite.models_for(ctx, "names")["step"]  # the export's step.tflite where it is current, else Keras
     known = set(train_lines)
     kwargs = dict(prefix=opts["prefix"], temperature=opts["temperature"], max_length=opts["max_length"],
                   top_k=opts["top_k"], seed=ctx.cfg["seed"])
+    sizes = state_sizes(ctx.cfg)
     if opts["exclude_training"]:
-        names = sample_new_names(model, vocab, opts["n"], known, **kwargs)
+        names = sample_new_names(step, vocab, opts["n"], sizes, known, **kwargs)
         if len(names) < opts["n"]:
             ctx.reporter.warn(f"found only {len(names)} new distinct names of the {opts['n']} asked for")
     else:
-        names = sample_names(model, vocab, opts["n"], **kwargs)
+        names = sample_names(step, vocab, opts["n"], sizes, **kwargs)
     return [{"name": name, "text": name, "new": name not in known} for name in names]
 
 
@@ -449,7 +514,8 @@ def view_samples(ctx: Context) -> Path:
     model, vocab, train_lines = _load(ctx)
     known = set(train_lines)
     n, prefix = ctx.options["n"], ctx.options["prefix"]
-    columns = [sample_names(model, vocab, n, prefix, t, seed=ctx.cfg["seed"]) for t in SAMPLE_TEMPERATURES]
+    step, sizes = keras_step(model), state_sizes(ctx.cfg)
+    columns = [sample_names(step, vocab, n, sizes, prefix, t, seed=ctx.cfg["seed"]) for t in SAMPLE_TEMPERATURES]
     fig, ax = plt.subplots(figsize=(2.2 * len(columns), 0.32 * n + 1.2))
     ax.axis("off")
     for col, (temperature, names) in enumerate(zip(SAMPLE_TEMPERATURES, columns)):
@@ -487,6 +553,20 @@ def view_next_char(ctx: Context) -> Path:
     bpc = bits_per_char(probs[None], y)
     ax.set_title(f"names / {ctx.run.name}: next token along {name!r} ({bpc:.2f} bits/char; red: actual)")
     return save_figure(fig, ctx.view_path("names-next-char"))
+
+
+def export_preprocessing(cfg: dict) -> dict:
+    """How a user of the exported step drives it (export.json)."""
+    return {"input": "token ids, one a name per call, and each recurrent layer's state (zeros at first)",
+            "vocabulary": VOCAB_FILE, "start": START, "end": END, "pad": PAD,
+            "states": state_sizes(cfg), "steps": [
+                "feed <start> (id 1), then the prefix's characters", "softmax(logits / temperature) is the next "
+                "token's distribution (never <pad> or <start>)", "feed the drawn token with the new states; stop at <end>"],
+            "code": "dlcli.tasks.names.sample_names"}
+
+
+EXPORT = ExportSpec(preprocessing=export_preprocessing, models={"step": lambda model, ctx: step_model(model)},
+                    output="next-token logits (N, V) and each layer's new state", files=(VOCAB_FILE, TRAIN_NAMES_FILE))
 
 
 # What this task's own config keys mean (and its own meaning of shared ones), for
@@ -527,4 +607,5 @@ TASK = TaskSpec(
                                 options={"name": Option(str, "", "the name to follow (default: a training name)")}),
     },
     key_help=KEY_HELP,
+    export=EXPORT,
 )
