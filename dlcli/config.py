@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -88,6 +89,21 @@ def key_help(task_help: Mapping[str, str], key: str) -> str:
     part of a dotted key decides."""
     leaf = key.rsplit(".", 1)[-1]
     return task_help.get(key) or task_help.get(leaf) or KEY_HELP.get(leaf, "")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name`, else `default`; a
+    value that is not one is a usage error naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 # Keys with a fixed set of values in every task that has them.

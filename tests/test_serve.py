@@ -249,16 +249,22 @@ def test_other_hosts_only_on_request_and_bad_settings_refused(runs):
 # -- stopping --------------------------------------------------------------------------------------
 
 
+def _until_serving(proc) -> list[str]:
+    """The lines a `dlcli serve` subprocess prints on stderr up to its "serving on URL"."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("serving on "):
+            break
+    return lines
+
+
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(runs, files):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dlcli", "serve", "mnist", "linear", "--runs-dir", str(runs),
                              "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("serving on "):
-                break
+        lines = _until_serving(proc)
         assert lines and lines[-1].startswith("serving on http://127.0.0.1:"), "".join(lines)
         assert not any("warning" in line for line in lines)
         port = int(lines[-1].strip().rsplit(":", 1)[1])
@@ -330,12 +336,8 @@ def test_the_command_refuses_an_unknown_task_and_warns_for_another_host(runs):
     proc = subprocess.Popen([sys.executable, "-m", "dlcli", "serve", "linear", "--runs-dir", str(runs), "--port", "0",
                              "--host", "127.0.0.2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("serving on "):
-                break
-        assert lines[-1].startswith("serving on http://127.0.0.2:"), "".join(lines)
+        lines = _until_serving(proc)
+        assert lines and lines[-1].startswith("serving on http://127.0.0.2:"), "".join(lines)
         assert any(line.startswith("warning: listening on 127.0.0.2") for line in lines), "".join(lines)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from dlcli import config
 from dlcli.errors import UsageError
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.run import Run
@@ -111,16 +112,7 @@ DEFAULT_WORKER_TIMEOUT = 600.0
 
 def worker_timeout() -> float:
     """DLCLI_WORKER_TIMEOUT=SECONDS: how long a worker waits for the others to join (600)."""
-    raw = os.environ.get("DLCLI_WORKER_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_WORKER_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not (0 < value < float("inf")):
-        raise UsageError(f"DLCLI_WORKER_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
+    return config.env_seconds("DLCLI_WORKER_TIMEOUT", DEFAULT_WORKER_TIMEOUT)
 
 
 class ClusterWait:

@@ -22,6 +22,7 @@ from queue import Empty, Full, Queue
 from typing import Any, Callable, Iterable, Iterator
 
 from dlcli.contract import IMAGE_SUFFIXES
+from dlcli import config
 from dlcli.errors import UsageError
 
 GLOB_CHARS = frozenset("*?[")
@@ -107,16 +108,7 @@ READ_TIMEOUT_S = 60.0
 
 def read_timeout() -> float:
     """DLCLI_READ_TIMEOUT=SECONDS: the longest one input may take to read and prepare (60)."""
-    raw = os.environ.get("DLCLI_READ_TIMEOUT", "").strip()
-    if not raw:
-        return READ_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise UsageError(f"DLCLI_READ_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
+    return config.env_seconds("DLCLI_READ_TIMEOUT", READ_TIMEOUT_S)
 
 
 class ReadWatch:
