@@ -64,7 +64,11 @@ def check_export(tflite: Path, task: str, model_file: Path | None) -> str | None
 
     `model_file`: the Keras model the export should come from (the run's), or None to check
     against the file recorded in the export itself (`--checkpoint x.tflite`)."""
-    meta = read_meta(tflite)
+    return _meta_problem(read_meta(tflite), tflite, task, model_file)
+
+
+def _meta_problem(meta: dict | None, tflite: Path, task: str, model_file: Path | None) -> str | None:
+    """`check_export` on export.json as already read (`read_meta(tflite)`)."""
     if meta is None:
         return f"{tflite} has no readable {META} beside it (not a dlcli export)"
     if meta.get("task") != task:
@@ -286,8 +290,9 @@ def _default_loader(ctx, task: str) -> Callable[[], object]:
     return load_keras
 
 
-def export_folder(ctx, task: str) -> Path | None:
-    """The export `predict` runs for this context, or None for the Keras model.
+def export_folder(ctx, task: str) -> tuple[Path, dict] | None:
+    """The export `predict` runs for this context with its export.json (read once), or None
+    for the Keras model.
 
     `--checkpoint FILE.tflite` uses the export that file belongs to (refused, exit 2, if it is
     another task's or stale); otherwise the run's `export/` is used when `--engine` is auto or
@@ -296,23 +301,27 @@ def export_folder(ctx, task: str) -> Path | None:
     does not reproduce its outputs to 1e-4, and on CPUs with bfloat16 Keras is faster."""
     engine = ctx.options.get("engine", "auto")
     if ctx.checkpoint is not None and Path(ctx.checkpoint).suffix == ".tflite":
-        problem = check_export(Path(ctx.checkpoint), task, None) or _missing_parts(Path(ctx.checkpoint).parent, task)
+        tflite = Path(ctx.checkpoint)
+        meta = read_meta(tflite)
+        problem = _meta_problem(meta, tflite, task, None) or _missing_parts(tflite.parent, task, meta)
         if problem:
             raise UsageError(problem)
-        return Path(ctx.checkpoint).parent
+        return tflite.parent, meta
     if engine == "keras" or ctx.checkpoint is not None:
         return None
     folder = ctx.run.file(EXPORT_DIR)
-    main = _main_file(folder)
+    meta = read_meta(folder / META)
+    main = _main_file(folder, meta)
     if main is None:
         if engine == "lite":
             raise UsageError(f"run {ctx.run.name} has no export; run `dlcli export {task} --run {ctx.run.name} "
                              f"--format tflite` first")
         return None
-    problem = check_export(main, task, ctx.run.file(ctx_model_file(task))) or _missing_parts(folder, task)
-    exact = (read_meta(main) or {}).get("keras_precision", "float32") == "float32"
+    problem = (_meta_problem(meta, main, task, ctx.run.file(ctx_model_file(task)))
+               or _missing_parts(folder, task, meta))
+    exact = (meta or {}).get("keras_precision", "float32") == "float32"
     if problem is None:
-        return folder if exact or engine == "lite" else None  # mixed precision: Keras, unless --engine lite
+        return (folder, meta) if exact or engine == "lite" else None  # mixed precision: Keras, unless --engine lite
     if engine == "lite":
         raise UsageError(problem)
     from rich.markup import escape
@@ -325,28 +334,27 @@ def export_folder(ctx, task: str) -> Path | None:
     return None
 
 
-def _main_file(folder: Path) -> Path | None:
+def _main_file(folder: Path, meta: dict | None) -> Path | None:
     """The export's main .tflite file (export.json's `file`), if the folder holds a TFLite export."""
-    meta = read_meta(folder / META)  # read_meta reads the export.json beside the path it is given
     name = meta.get("file") if meta else "model.tflite"
     path = folder / str(name)
     return path if path.suffix == ".tflite" and path.exists() else None
 
 
-def _files(folder: Path) -> dict:
+def _files(meta: dict | None) -> dict:
     """An export's files by part (export.json's `files`; an export without it has one, `model`)."""
-    return (read_meta(folder / META) or {}).get("files") or {"model": {"file": "model.tflite"}}
+    return (meta or {}).get("files") or {"model": {"file": "model.tflite"}}
 
 
-def _missing_parts(folder: Path, task: str) -> str | None:
+def _missing_parts(folder: Path, task: str, meta: dict | None) -> str | None:
     """Why an export lacks some of the parts the task runs (an export of an older dlcli), or None."""
     from dlcli.tasks import get_task
 
-    files = _files(folder)
+    files = _files(meta)
     missing = [p for p in get_task(task).export.parts if p not in files or not (folder / files[p]["file"]).exists()]
     if not missing:
         return None
-    run = (read_meta(folder / META) or {}).get("run", "NAME")
+    run = (meta or {}).get("run", "NAME")
     return f"{folder} lacks the part(s) {', '.join(missing)} that {task} runs; run `dlcli export {task} --run {run}` again"
 
 
@@ -360,10 +368,11 @@ def models_for(ctx, task: str, load_keras: Callable[[], object] | None = None) -
 
     ex = get_task(task).export
     parts = ex.parts if ex is not None else ["model"]
-    folder = export_folder(ctx, task)
-    if folder is not None:
+    usable = export_folder(ctx, task)
+    if usable is not None:
         _chose(ctx, "lite")
-        files = _files(folder)
+        folder, meta = usable
+        files = _files(meta)
         return {p: _warm(_key(folder / files[p]["file"], "lite"),
                          lambda p=p: LiteModel(folder / files[p]["file"], inputs=files[p].get("inputs")))
                 for p in parts}
@@ -371,9 +380,8 @@ def models_for(ctx, task: str, load_keras: Callable[[], object] | None = None) -
 
     def keras_parts():
         model = (load_keras or _default_loader(ctx, task))()
-        if ex is not None and ex.models:
-            return {name: KerasModel(picker(model, ctx)) for name, picker in ex.models.items()}
-        return {"model": KerasModel(ex.model(model) if ex is not None and ex.model is not None else model)}
+        picked = ex.pick(model, ctx) if ex is not None else {"model": model}
+        return {name: KerasModel(part) for name, part in picked.items()}
 
     if load_keras is not None:
         return keras_parts()
