@@ -152,6 +152,13 @@ class ExportSpec:
         """The exported files' names without `.tflite`: `model`, or the keys of `models`."""
         return list(self.models) if self.models else ["model"]
 
+    def pick(self, keras_model, ctx: "Context") -> dict:
+        """The Keras model of each part (`parts`) of a run's loaded model: what `dlcli export`
+        converts and what predict's Keras path runs, so that both compute the same functions."""
+        if self.models:
+            return {name: picker(keras_model, ctx) for name, picker in self.models.items()}
+        return {"model": self.model(keras_model) if self.model is not None else keras_model}
+
 
 @dataclass
 class TaskSpec:
@@ -327,7 +334,7 @@ def check_spec(spec: Any, name: str) -> None:
             raise TaskError(f"task {name}: export.files must be a tuple of run file names like ('vocab.json',) (rule 9)")
         if not spec.is_keras:
             raise TaskError(f"task {name}: only a Keras task (model_file *.keras) can be exported (rule 9)")
-    from dlcli.config import KEY_HELP, flat_keys, key_help
+    from dlcli.config import flat_keys, key_help
 
     if not isinstance(spec.key_help, dict):
         raise TaskError(f"task {name}: key_help must be a dict of config key -> one line (rule 10)")

@@ -63,14 +63,6 @@ def exportable(spec) -> None:
         raise UsageError(f"task {spec.name} cannot be exported; these can: {', '.join(can)}")
 
 
-def part_models(spec, model, ctx) -> dict:
-    """The Keras model of each exported part (`ExportSpec.parts`) of a run's loaded model."""
-    ex = spec.export
-    if ex.models:
-        return {name: picker(model, ctx) for name, picker in ex.models.items()}
-    return {"model": ex.model(model) if ex.model is not None else model}
-
-
 def file_name(part: str, fmt: str, single: bool) -> str:
     """The file of a part: model.tflite / saved_model for a one-file export, else <part>.tflite
     / <part>_saved_model."""
@@ -121,7 +113,7 @@ def export(spec, run, model_file: Path, fmt: str, out: Path | None, classes: lis
     task = spec.name
     stamp = lite.source_stamp(model_file)  # before loading: a later change makes the export stale
     loaded = training.load_model(model_file, task)
-    parts = part_models(spec, loaded, ctx)
+    parts = spec.export.pick(loaded, ctx)
     single = spec.export.models is None
     out = Path(out) if out is not None else run.file(lite.EXPORT_DIR)
     if out.exists() and not out.is_dir():
