@@ -15,6 +15,7 @@ either the old complete file or the new complete one.
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as _dt
 import fcntl
@@ -52,6 +53,7 @@ class Run:
         self.dir = Path(directory)
         self._lock_fh = None
         self._metrics: dict | None = None
+        self._config_read: tuple | None = None  # (config.yaml's stamp, its content)
 
     name = property(lambda self: self.dir.name)
     config_path = property(lambda self: self.file("config.yaml"))
@@ -230,6 +232,21 @@ class Run:
         atomic_write_text(self.config_path, yaml.safe_dump(cfg, sort_keys=False))
 
     def read_config(self) -> dict:
+        """config.yaml, parsed once while the file stays the same (a command asks for it several
+        times: to check the run's task, to resolve its config, for the task itself)."""
+        try:
+            st = os.stat(self.config_path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp is not None and self._config_read is not None and self._config_read[0] == stamp:
+            return copy.deepcopy(self._config_read[1])
+        data = self._parse_config()
+        if stamp is not None:
+            self._config_read = (stamp, copy.deepcopy(data))
+        return data
+
+    def _parse_config(self) -> dict:
         try:
             data = yaml.safe_load(self.config_path.read_text())
         except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: not text (UnicodeDecodeError)
