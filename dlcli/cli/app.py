@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from dlcli import __version__, config as config_lib
-from dlcli.cli.output import ERR, error_line
+from dlcli.cli.output import ERR, print_error
 from dlcli.contract import Option
 from dlcli.engine.interrupts import stop_by_exception
 from dlcli.engine.lazy import quiet_tensorflow
@@ -62,7 +62,7 @@ class OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             message = " ".join(exc.format_message().split())
-            ERR.print(f"{error_line(message)}{escape(hint)}", markup=True, highlight=False, soft_wrap=True)
+            print_error(message, hint)
             sys.exit(exc.exit_code)
         except typer.Abort:
             ERR.print("aborted")

@@ -41,9 +41,11 @@ def emit_json(data: Any) -> None:
     streams.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def error_line(message: object) -> str:
-    """One `error:` line of a message that may hold names from files: no markup, no control characters."""
-    return f"[red]error:[/] {escape(streams.printable(message))}"
+def print_error(message: object, hint: str = "") -> None:
+    """One `error:` line on stderr of a message that may hold names from files (no markup, no
+    control characters), and a hint after it."""
+    ERR.print(f"[red]error:[/] {escape(streams.printable(message))}{escape(hint)}", markup=True, highlight=False,
+              soft_wrap=True)
 
 
 def _stopped_line(exc: KeyboardInterrupt, command: str) -> str:
@@ -62,7 +64,7 @@ def handle_errors(command):
             streams.silence_stdout()
             raise typer.Exit(141)
         except DlcliError as exc:
-            ERR.print(error_line(exc), markup=True, highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             ERR.print(_stopped_line(exc, command.__name__.removesuffix("_command")), markup=False)
@@ -74,11 +76,10 @@ def handle_errors(command):
                 raise
             if isinstance(exc, OSError) and exc.strerror:  # a read-only or full disk, a missing folder
                 where = f"{exc.filename}: " if exc.filename else ""
-                ERR.print(error_line(f"{where}{exc.strerror}"), markup=True, highlight=False, soft_wrap=True)
+                print_error(f"{where}{exc.strerror}")
                 raise typer.Exit(1)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no message"
-            ERR.print(error_line(f"an unexpected failure ({first}); set DLCLI_DEBUG=1 for the traceback"),
-                      markup=True, highlight=False, soft_wrap=True)
+            print_error(f"an unexpected failure ({first}); set DLCLI_DEBUG=1 for the traceback")
             raise typer.Exit(1)
 
     return wrapper
@@ -94,7 +95,7 @@ def print_predictions(rows: Iterable[dict], reporter: Reporter, json_mode: bool,
         total += 1
         if "error" in row:
             failed += 1
-            ERR.print(error_line(row["error"]), markup=True, highlight=False, soft_wrap=True)
+            print_error(row["error"])
         if jsonl:
             streams.write(json.dumps(row, default=str) + "\n")
         elif not json_mode and "error" not in row:

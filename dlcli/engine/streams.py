@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -59,14 +60,13 @@ def check_stdout() -> None:
         raise OutputError("it is closed")
 
 
-def write(text: str) -> None:
-    """Write and flush `text` on standard output."""
-    stream = sys.stdout
-    if stream is None:
+@contextlib.contextmanager
+def _stdout_failures():
+    """A failure of standard output as `OutputError`; a broken pipe stays itself (exit 141)."""
+    if sys.stdout is None:
         raise OutputError("it is closed")
     try:
-        stream.write(text)
-        stream.flush()
+        yield sys.stdout
     except BrokenPipeError:
         raise
     except OSError as exc:
@@ -75,29 +75,23 @@ def write(text: str) -> None:
         raise OutputError("it is closed") from None
 
 
+def write(text: str) -> None:
+    """Write and flush `text` on standard output."""
+    with _stdout_failures() as stream:
+        stream.write(text)
+        stream.flush()
+
+
 class _Stdout:
     """sys.stdout, looked up at each write, for a Rich console: its failures are `OutputError`."""
 
     def write(self, text: str) -> int:
-        stream = sys.stdout
-        if stream is None:
-            raise OutputError("it is closed")
-        try:
+        with _stdout_failures() as stream:
             return stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OutputError(_why(exc)) from None
 
     def flush(self) -> None:
-        if sys.stdout is None:
-            raise OutputError("it is closed")
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OutputError(_why(exc)) from None
+        with _stdout_failures() as stream:
+            stream.flush()
 
     def isatty(self) -> bool:
         return sys.stdout is not None and sys.stdout.isatty()
