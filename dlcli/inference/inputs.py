@@ -296,6 +296,17 @@ class _MakeEntry:
         return x, self.pool.submit(_attempt, self.prepare, x) if self.in_threads else _Later(self.prepare, x)
 
 
+def stream_through(predictor: Callable[[Any], Any]) -> Callable[[Any, Iterable], Iterator[dict]]:
+    """The `predict_stream` of a task that gives a `Predictor` (`predictor(ctx)`): `stream`
+    over its `prepare` and `finish`, a batch of its size at a time."""
+
+    def predict_stream(ctx, items: Iterable) -> Iterator[dict]:
+        p = predictor(ctx)
+        yield from stream(items, p.prepare, p.finish, p.batch_size)
+
+    return predict_stream
+
+
 def stream(items: Iterable[str | dict], prepare: Callable[[str], Any],
            finish: Callable[[list[str], list[Any]], list[dict]], batch_size: int,
            ahead: int = 2, workers: int | None = None, wait: float = 0.05,

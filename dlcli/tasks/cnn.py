@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from dlcli.data import sources as data_lib
 from dlcli.inference import lite
 from dlcli.engine import training
-from dlcli.inference.inputs import stream
+from dlcli.inference.inputs import stream_through
 from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
 from dlcli.engine.lazy import lazy_import
@@ -357,10 +356,8 @@ def predictor(ctx: Context) -> Predictor:
     return Predictor(_prepare, lambda paths, images: _finish(ctx, model, classes, paths, images), 128)
 
 
-def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time (files decoded and resized ahead in threads)."""
-    p = predictor(ctx)
-    yield from stream(items, p.prepare, p.finish, p.batch_size)
+# Rows for every input, a batch at a time (files decoded and resized ahead in threads).
+predict_stream = stream_through(predictor)
 
 
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ from dlcli.data import sources as data_lib
 from dlcli.inference import lite
 from dlcli.engine import schedules
 from dlcli.engine import training
-from dlcli.inference.inputs import stream
+from dlcli.inference.inputs import stream_through
 from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
 from dlcli.engine.lazy import lazy_import
@@ -430,11 +430,9 @@ def predictor(ctx: Context) -> Predictor:
                      lambda paths, crops: _finish(ctx, model, classes, paths, crops), 32)
 
 
-def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time: files decoded, centre-cropped and resized ahead in
-    threads while the model runs on the batch before."""
-    p = predictor(ctx)
-    yield from stream(items, p.prepare, p.finish, p.batch_size)
+# Rows for every input, a batch at a time: files decoded, centre-cropped and resized ahead in
+# threads while the model runs on the batch before.
+predict_stream = stream_through(predictor)
 
 
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:

@@ -13,14 +13,13 @@ in 28x28, the way MNIST itself was made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from dlcli.data import sources as data_lib
 from dlcli.inference import lite
 from dlcli.engine import training
-from dlcli.inference.inputs import stream
+from dlcli.inference.inputs import stream_through
 from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
 from dlcli.engine.lazy import lazy_import
@@ -389,11 +388,9 @@ def predictor(ctx: Context) -> Predictor:
     return Predictor(_prepare, lambda paths, greys: _finish(ctx, model, classes, paths, greys), 256)
 
 
-def predict_stream(ctx: Context, items: Iterable) -> Iterator[dict]:
-    """Rows for every input, a batch at a time (small files decoded in this thread, larger ones
-    ahead in threads; see `inputs.stream`)."""
-    p = predictor(ctx)
-    yield from stream(items, p.prepare, p.finish, p.batch_size)
+# Rows for every input, a batch at a time (small files decoded in this thread, larger ones ahead
+# in threads; see `inputs.stream`).
+predict_stream = stream_through(predictor)
 
 
 def predict(ctx: Context, inputs: list[str]) -> list[dict]:
