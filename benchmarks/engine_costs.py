@@ -109,7 +109,7 @@ def cross_entropy(args) -> None:
     from tensorflow.python.framework import config
     from tensorflow.python.ops import nn_ops
 
-    from dlcli.engine import keras_workarounds, training
+    from dlcli.engine import training
 
     training.set_seed(0)  # determinism, dlcli's fused kernel, and the seed Keras's shuffle then needs
     fused = nn_ops._sparse_softmax_cross_entropy_with_rank_2_logits
@@ -219,7 +219,7 @@ def autotune(args) -> None:
     from benchmarks import workers  # imports TensorFlow
     import keras
 
-    from dlcli.engine import keras_workarounds, training
+    from dlcli.engine import training
 
     cfg = workers.task_cfg("mnist", spec)
     _, _, build = workers.arrays("mnist", cfg)

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlcli.cli import app
 from dlcli.runs.run import Run
 from tests.conftest import Cli
 from tests.test_predict_batch import digit_files, make_run

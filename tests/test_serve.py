@@ -211,7 +211,7 @@ def raw_connection(server) -> socket.socket:
 
 
 def test_a_client_that_disconnects_or_stalls_is_dropped_while_others_are_served(server, files):
-    head = (f"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n").encode()
+    head = b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
     gone = raw_connection(server)
     gone.sendall(head + b'{"instances": [')
     gone.close()  # mid-body

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import shutil
