@@ -86,7 +86,9 @@ def arrays(task: str, cfg: dict):
     if task == "cnn":
         x, y, classes = mod.load_split(cfg, "train")
         (xt, yt), (xv, yv) = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
-        return (mod.scale(xt), yt), (mod.scale(xv), yv), lambda: mod.build_model(cfg, len(classes))
+        one_hot = np.eye(len(classes), dtype=np.float32)
+        return ((mod.scale(xt), one_hot[yt]), (mod.scale(xv), one_hot[yv]),
+                lambda: mod.build_model(cfg, len(classes), xt))
     if task == "autoencoder":  # the same faces, the same split; fit(x, x) with no LR schedule
         from dlcli.data import faces
 
@@ -252,7 +254,7 @@ def pipeline(args, spec):
         x, y, _ = mod.load_split(cfg, "train")
         (xt, yt), _ = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
         ex = mod.examples(xt, yt)
-        train_data = lambda e: mod.batches(ex, cfg["batch_size"], training.epoch_seed(cfg["seed"], e), shuffle=True)  # noqa: E731
+        train_data = lambda e: mod.batches(ex, cfg["batch_size"], 10, training.epoch_seed(cfg["seed"], e), shuffle=True)  # noqa: E731
     elif args.task == "linear":
         d = mod.load_data(cfg)
         mod.expand(d["x_train"])

@@ -56,6 +56,32 @@ def test_default_model_augments_only_in_training():
     assert not np.allclose(np.asarray(augment(x, training=True)), x)
 
 
+def test_whitening_stem_decorrelates_2x2_patches_and_stays_frozen():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    # Smooth images: neighbouring pixels and channels are strongly correlated, as in photos.
+    coarse = rng.integers(0, 256, (300, 9, 9, 1)).astype(np.float32)
+    images = tf.image.resize(coarse, (32, 32), "bilinear").numpy()
+    images = np.clip(images + rng.normal(0, 8, (300, 32, 32, 3)), 0, 255).astype(np.uint8)
+    kernel = cnn.whitening_kernel(images, eps=1e-6)
+    out = tf.nn.conv2d(cnn.scale(images), kernel, 1, "VALID").numpy().reshape(-1, 24)
+    np.testing.assert_allclose(out[:, 12:], -out[:, :12], atol=1e-5)  # the negatives of the first twelve
+    np.testing.assert_allclose(np.cov(out[:, :12].T), np.eye(12), atol=0.02)  # decorrelated, unit variance
+    raw = np.cov(np.concatenate([cnn.scale(images)[:, i:31 + i, j:31 + j] for i in (0, 1) for j in (0, 1)], -1)
+                 .reshape(-1, 12).T)
+    assert np.abs(raw - np.diag(np.diag(raw))).max() > 0.5 * np.diag(raw).max()  # the patches were correlated
+
+    cfg = {**cnn.DEFAULTS, "width": 8, "precision": "float32"}
+    model = cnn.build_model(cfg, 10, images)
+    np.testing.assert_allclose(np.asarray(model.get_layer("stem").kernel), cnn.whitening_kernel(images), atol=1e-6)
+    first_block = [layer for layer in model.layers if isinstance(layer, type(model.get_layer("stem")))][1]
+    before_stem, before_block = np.asarray(model.get_layer("stem").kernel), np.asarray(first_block.kernel)
+    model.fit(cnn.scale(images[:16]), np.eye(10, dtype=np.float32)[np.arange(16) % 10], epochs=1, verbose=0)
+    np.testing.assert_array_equal(np.asarray(model.get_layer("stem").kernel), before_stem)
+    assert not np.allclose(np.asarray(first_block.kernel), before_block)
+
+
 def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
     import keras
 
