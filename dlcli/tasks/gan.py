@@ -487,7 +487,9 @@ def train(ctx: Context) -> dict:
         """progress.npy gets the fixed batch's faces after each epoch; rows beyond the epochs
         before this one (left by a run killed before its checkpoint) are cut."""
         rows = list(np.load(progress_path)[:epoch]) if epoch and progress_path.exists() else []
-        rows.append(to_pixels(gan.sampling_generator().predict(fixed, verbose=0)))
+        # One batch: `predict_on_batch` runs predict's own step on it without predict's data
+        # set and iterator, the same pixels for a fiftieth of the time (0.015 s against 0.5-1.4 s).
+        rows.append(to_pixels(np.asarray(gan.sampling_generator().predict_on_batch(fixed))))
         atomic_write_npy(progress_path, np.stack(rows))
 
     def add_distance(gan, epoch: int, logs: dict) -> None:
