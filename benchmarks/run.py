@@ -155,14 +155,16 @@ def bench_training(task, spec, ckpt: Path, rounds: int, timeout: int | None = No
                                   timeout=timeout or (300 if task not in KERAS_TASKS_WITH_REFERENCE + ("linear",) else 600))
                 if res.rc != 0:
                     raise RuntimeError(f"dlcli train {task} failed (exit {res.rc}): " + " | ".join(res.stderr.strip().splitlines()[-3:]))
-                out["dlcli_epochs"] += epoch_times(res, timed_after(task, spec))
+                out.setdefault("dlcli_rounds", []).append(epoch_times(res, timed_after(task, spec)))
+                out["dlcli_epochs"] += out["dlcli_rounds"][-1]
                 out["dlcli_rss"].append(res.maxrss_mb)
                 out["dlcli_wall"] = res.wall
             elif has_ref:
                 res = worker("reference", task, "--spec", json.dumps(spec), timeout=timeout or 600).check(f"reference {task}")
                 data = res.json()
                 ends = data["epoch_ends"]
-                out["ref_epochs"] += [b - a for a, b in zip(ends, ends[1:])]
+                out.setdefault("ref_rounds", []).append([b - a for a, b in zip(ends, ends[1:])])
+                out["ref_epochs"] += out["ref_rounds"][-1]
                 out["ref_rss"].append(res.maxrss_mb)
                 out["examples"] = data["examples"]
     return out
@@ -173,9 +175,14 @@ def report_training(task, m, section="training"):
     n = m["examples"]
     if n and d and rf:
         dl, ref = n / d, n / rf
+        # Each round's own ratio too: a round's two processes run minutes apart at most, so
+        # their spread says how far the machine drifted meanwhile.
+        each = [median(r) / median(d) for d, r in zip(m.get("dlcli_rounds", []), m.get("ref_rounds", []))
+                if median(d) and median(r)]
         row(section, task, "train examples/s (dlcli vs Keras)", dl, "ex/s", ref, "plain model.fit", dl / ref, (">=", 0.95),
             note=f"median of {len(m['dlcli_epochs'])}/{len(m['ref_epochs'])} epochs after the first"
-                 + (" of phase 2" if task == "finetune" else "") + f", {n:,} examples an epoch")
+                 + (" of phase 2" if task == "finetune" else "") + f", {n:,} examples an epoch"
+                 + (f"; each round's ratio {', '.join(f'{x:.2f}' for x in each)}" if len(each) > 1 else ""))
         m["dlcli_throughput"] = dl
     elif d:
         row("training", task, "seconds per epoch (dlcli)", d, "s", note="no plain-Keras reference for this task yet")
