@@ -31,6 +31,14 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
     python benchmarks/engine_costs.py save
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
         mnist models, as `Run.save_backup` writes them after every epoch.
+    python benchmarks/engine_costs.py phases --task TASK --data DIR
+        One `dlcli train TASK` in this process on the suite's benchmark data (`run.py`'s
+        `train_specs`; `--size realistic` for the full data sets), each phase of every epoch
+        timed: `model.fit`'s set-up before its first callback, the training steps, the
+        validation pass, each callback's epoch end (the step watcher, TensorBoard, the tasks'
+        `after_each_epoch` extras), `fit`'s tear-down, then taking the checkpoint (`BackupWriter.save`),
+        the epoch's line and the engine's loop between `fit` calls, and the seconds each checkpoint
+        and its history.csv took to write in the writer's thread.
 
 DIR is the folder of real data sets (its `mnist/mnist.npz` and `names/course_names.txt`), or
 $DLCLI_SHARED_DATA. Not part of `run.py` (each check takes minutes and answers one question);
@@ -350,18 +358,159 @@ def save(args) -> None:
               f"{statistics.median(syncs):.3f} s")
 
 
+def phases(args) -> None:
+    """Each phase of every epoch of one in-process `dlcli train`, in seconds (see the module doc)."""
+    from benchmarks import run as suite
+
+    shared = shared_data(args.data)
+    with tempfile.TemporaryDirectory(prefix="engine-costs-") as folder:
+        _phases(args, suite, shared, Path(folder))
+
+
+def _phases(args, suite, shared, tmp: Path) -> None:
+    specs = (suite.realistic_specs if args.size == "realistic" else suite.train_specs)(tmp, shared, False, args.epochs)
+    spec = specs[args.task]["flags"]
+
+    from dlcli.engine.lazy import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+
+    import dlcli
+    from dlcli.engine import keras_workarounds
+    from dlcli.engine.progress import Reporter
+    from dlcli.runs.run import BackupWriter, PendingBackup
+
+    epochs: list[dict] = []
+    now = time.perf_counter
+
+    def timed(owner, name, key, per_callback=False):
+        original = getattr(owner, name)
+
+        def wrapper(self, *a, **k):
+            if key == "fit":
+                epochs.append({})
+            if per_callback:
+                epoch_args = a[:-1] if name == "on_epoch_end" else ()
+                logs = pythonify_logs(a[-1] if name == "on_epoch_end" else k.get("logs"))
+                t0 = now()
+                for callback in self.callbacks:  # as Keras's list does, each callback timed
+                    t = now()
+                    getattr(callback, name)(*epoch_args, logs)
+                    row = epochs[-1]
+                    action = getattr(callback, "action", None)  # an `after_each_epoch` extra: its function
+                    label = f"{key}: {getattr(action, '__name__', None) or type(callback).__name__}"
+                    row[label] = row.get(label, 0.0) + now() - t
+                if name == "on_train_end":
+                    self._on_end()
+                epochs[-1][key + "_at"] = (t0, now())
+                return None
+            t = now()
+            result = original(self, *a, **k)
+            if epochs:
+                epochs[-1][key] = epochs[-1].get(key, 0.0) + now() - t
+                epochs[-1][key + "_at"] = (t, now())
+            return result
+
+        setattr(owner, name, wrapper)
+
+    step_list = keras_workarounds.step_callbacks_class()
+    pythonify_logs = keras_workarounds.private("keras.src.utils.python_utils", "pythonify_logs", "phases")
+    timed(keras.Model, "fit", "fit")
+    for name, key in (("on_train_begin", "train_begin"), ("on_epoch_begin", "epoch_begin"),
+                      ("on_test_begin", "test_begin"), ("on_test_end", "test_end")):
+        timed(step_list, name, key)
+    timed(step_list, "on_epoch_end", "epoch end", per_callback=True)
+    timed(step_list, "on_train_end", "train end", per_callback=True)
+    timed(BackupWriter, "save", "checkpoint")  # in this thread: taking it (its writing goes on beside)
+    finishing = PendingBackup.finish
+    written = []
+
+    def finish(self):
+        t = now()
+        try:
+            return finishing(self)
+        finally:
+            written.append(now() - t)
+
+    PendingBackup.finish = finish
+    timed(Reporter, "end_epoch", "epoch line")
+    from dlcli.engine import training
+
+    def timed_function(owner, name, key):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t = now()
+            try:
+                return original(*a, **k)
+            finally:
+                if epochs:
+                    epochs[-1][key] = epochs[-1].get(key, 0.0) + now() - t
+
+        setattr(owner, name, wrapper)
+        return original
+
+    timed_function(training, "reseed_model", "loop: reseeding")
+    engine_fit = training.fit
+
+    def fit(ctx, build_model, train_data, *a, **k):
+        def data(epoch):
+            t = now()
+            try:
+                return train_data(epoch)
+            finally:
+                if epochs:
+                    epochs[-1]["loop: the task's train_data(epoch)"] = now() - t
+
+        return engine_fit(ctx, build_model, data, *a, **k)
+
+    training.fit = fit
+    flags = {k: v for k, v in spec.items() if k not in ("epochs", "dataset")}
+    dlcli.train(args.task, runs_dir=tmp / "runs", run="phases", dataset=spec["dataset"], epochs=spec["epochs"],
+                sets=[f"{k}={v}" for k, v in flags.items()])  # as run.py's `dlcli_train` passes them
+    for i, row in enumerate(epochs):
+        fit_call, fit_return = row["fit_at"]
+        begin = row["train_begin_at"][0]
+        steps_end = row.get("test_begin_at", (None,))[0]
+        line_end = row["epoch line_at"][1] if "epoch line_at" in row else None
+        parts = {"fit set-up": begin - fit_call}
+        if steps_end is not None:
+            parts["steps"] = steps_end - row["epoch_begin_at"][1]
+            parts["validation"] = row["test_end_at"][1] - steps_end
+        elif "epoch end_at" in row:
+            parts["steps"] = row["epoch end_at"][0] - row["epoch_begin_at"][1]
+        parts.update({k: v for k, v in row.items() if k.startswith("epoch end:") or k.startswith("train end:")})
+        ends = sum(v for k, v in row.items() if k.startswith("train end:"))
+        parts["fit tear-down"] = fit_return - row["epoch end_at"][1] - ends if "epoch end_at" in row else None
+        if line_end is not None:
+            parts["after fit, to the epoch's line"] = line_end - fit_return
+            parts.update({k: row[k] for k in ("checkpoint", "epoch line") if k in row})
+            if i + 1 < len(epochs):
+                parts["loop until the next fit"] = epochs[i + 1]["fit_at"][0] - line_end
+                parts.update({k: v for k, v in epochs[i + 1].items() if k.startswith("loop:")})
+        total = (epochs[i + 1]["fit_at"][0] - fit_call) if i + 1 < len(epochs) else None
+        print(f"epoch {i + 1}" + (f": {total:.3f} s from its fit call to the next" if total else "") + "; "
+              + ", ".join(f"{k} {v:.3f}" for k, v in parts.items() if v is not None and v >= 0.0005), flush=True)
+    print("checkpoints finished in the writer's thread: " + ", ".join(f"{s:.3f}" for s in written) + " s")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_reference":  # the child of `determinism`
         task, deterministic, spec = sys.argv[2:5]
         print(reference_rate(task, deterministic == "1", json.loads(spec)))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["determinism", "cross-entropy", "loop", "autotune", "precision", "save"])
+    p.add_argument("check", choices=["determinism", "cross-entropy", "loop", "autotune", "precision", "save", "phases"])
+    p.add_argument("--task", default="mnist", help="phases: the task to train (default mnist)")
+    p.add_argument("--size", default="small", choices=["small", "realistic"],
+                   help="phases: the suite's benchmark data (small) or the full data sets (realistic)")
     p.add_argument("--data", help="folder of the real data sets (default: $DLCLI_SHARED_DATA)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
     args = p.parse_args()
-    {"determinism": determinism, "cross-entropy": cross_entropy, "loop": loop, "autotune": autotune, "precision": precision, "save": save}[args.check](args)
+    {"determinism": determinism, "cross-entropy": cross_entropy, "loop": loop, "autotune": autotune, "precision": precision, "save": save,
+     "phases": phases}[args.check](args)
 
 
 if __name__ == "__main__":

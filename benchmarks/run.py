@@ -4,7 +4,8 @@
     python benchmarks/run.py --quick               # smaller data, fewer repetitions
     python benchmarks/run.py --task mnist          # one task (plus start-up)
     python benchmarks/run.py --data "$DLCLI_SHARED_DATA" --json-out benchmarks/results/latest.json
-    python benchmarks/run.py --skip startup,training,pipeline,predict,memory   # only `dlcli serve` (benchmarks/serve.py)
+    python benchmarks/run.py --skip startup,training,pipeline,predict,memory,realistic   # only `dlcli serve` (benchmarks/serve.py)
+    python benchmarks/run.py --skip startup,training,pipeline,predict,memory,serve --data DIR   # only the full-size training rows
 
 Data: `--data DIR` or $DLCLI_SHARED_DATA (the shared real data sets); generated where absent.
 Every figure is measured in a child process beside its reference, in the same run, with
@@ -106,6 +107,35 @@ def train_specs(tmp: Path, shared: Path | None, quick: bool, epochs: int) -> dic
     return specs
 
 
+# The realistic section: each task on its shared data set at full size, with the task's own
+# defaults for everything else (its validation split, KID samples, cached views), a warm-up
+# epoch and one or two timed epochs (finetune: its head epoch, the boundary epoch, one timed).
+REALISTIC = {  # task -> (data set under the shared folder, epochs, config overrides)
+    "mnist": ("npz:mnist/mnist.npz", 3, {}),
+    "names": ("text:names/ssa_names.txt", 3, {"samples": 16}),
+    "cnn": ("folder:cifar10", 2, {}),
+    "autoencoder": ("folder:lfw", 3, {}),
+    "gan": ("folder:lfw", 2, {}),
+    "finetune": ("folder:flowers", 3, {"head_epochs": 1, "weights": "none"}),
+    "caption": ("captions:flickr8k", 3, {"weights": "none"}),
+}
+REALISTIC_TIMEOUT = 2400  # seconds a process: gan's two epochs on 10,700 faces take minutes
+
+
+def realistic_specs(tmp: Path, shared: Path | None, quick: bool = False, epochs: int = 0) -> dict:
+    """task -> spec of the realistic section: `train_specs`' form, on the shared data sets at full
+    size (mnist's 60,000 digits, CIFAR-10's 50,000 training images, LFW's 11,941 faces, the 1,000
+    flower photos, Flickr8k's 800 photos); {} without them."""
+    if shared is None:
+        return {}
+    specs = {}
+    for task, (dataset, task_epochs, flags) in REALISTIC.items():
+        kind, _, path = dataset.partition(":")
+        if (shared / path).exists():
+            specs[task] = {"flags": {"dataset": f"{kind}:{shared / path}", "epochs": task_epochs, **flags}}
+    return specs
+
+
 def dlcli_train(task, spec, ckpt: Path, run_name: str, timeout=600):
     args = ["train", task, "--runs-dir", str(ckpt), "--run", run_name, "--json"]
     for k, v in spec["flags"].items():
@@ -113,7 +143,7 @@ def dlcli_train(task, spec, ckpt: Path, run_name: str, timeout=600):
     return run_measured(dlcli_cmd(*args), timeout=timeout)
 
 
-def bench_training(task, spec, ckpt: Path, rounds: int) -> dict:
+def bench_training(task, spec, ckpt: Path, rounds: int, timeout: int | None = None) -> dict:
     """Interleaved rounds of `dlcli train` and the plain Keras script; median epoch time each."""
     out = {"dlcli_epochs": [], "ref_epochs": [], "dlcli_rss": [], "ref_rss": [], "examples": None}
     has_ref = task in KERAS_TASKS_WITH_REFERENCE
@@ -121,30 +151,38 @@ def bench_training(task, spec, ckpt: Path, rounds: int) -> dict:
         order = ["dlcli", "ref"] if r % 2 == 0 else ["ref", "dlcli"]
         for side in order:
             if side == "dlcli":
-                res = dlcli_train(task, spec, ckpt, f"bench-{r}", timeout=300 if task not in KERAS_TASKS_WITH_REFERENCE + ("linear",) else 600)
+                res = dlcli_train(task, spec, ckpt, f"bench-{r}",
+                                  timeout=timeout or (300 if task not in KERAS_TASKS_WITH_REFERENCE + ("linear",) else 600))
                 if res.rc != 0:
                     raise RuntimeError(f"dlcli train {task} failed (exit {res.rc}): " + " | ".join(res.stderr.strip().splitlines()[-3:]))
-                out["dlcli_epochs"] += epoch_times(res, timed_after(task, spec))
+                out.setdefault("dlcli_rounds", []).append(epoch_times(res, timed_after(task, spec)))
+                out["dlcli_epochs"] += out["dlcli_rounds"][-1]
                 out["dlcli_rss"].append(res.maxrss_mb)
                 out["dlcli_wall"] = res.wall
             elif has_ref:
-                res = worker("reference", task, "--spec", json.dumps(spec)).check(f"reference {task}")
+                res = worker("reference", task, "--spec", json.dumps(spec), timeout=timeout or 600).check(f"reference {task}")
                 data = res.json()
                 ends = data["epoch_ends"]
-                out["ref_epochs"] += [b - a for a, b in zip(ends, ends[1:])]
+                out.setdefault("ref_rounds", []).append([b - a for a, b in zip(ends, ends[1:])])
+                out["ref_epochs"] += out["ref_rounds"][-1]
                 out["ref_rss"].append(res.maxrss_mb)
                 out["examples"] = data["examples"]
     return out
 
 
-def report_training(task, m):
+def report_training(task, m, section="training"):
     d, rf = median(m["dlcli_epochs"]), median(m["ref_epochs"])
     n = m["examples"]
     if n and d and rf:
         dl, ref = n / d, n / rf
-        row("training", task, "train examples/s (dlcli vs Keras)", dl, "ex/s", ref, "plain model.fit", dl / ref, (">=", 0.95),
+        # Each round's own ratio too: a round's two processes run minutes apart at most, so
+        # their spread says how far the machine drifted meanwhile.
+        each = [median(r) / median(d) for d, r in zip(m.get("dlcli_rounds", []), m.get("ref_rounds", []))
+                if median(d) and median(r)]
+        row(section, task, "train examples/s (dlcli vs Keras)", dl, "ex/s", ref, "plain model.fit", dl / ref, (">=", 0.95),
             note=f"median of {len(m['dlcli_epochs'])}/{len(m['ref_epochs'])} epochs after the first"
-                 + (" of phase 2" if task == "finetune" else ""))
+                 + (" of phase 2" if task == "finetune" else "") + f", {n:,} examples an epoch"
+                 + (f"; each round's ratio {', '.join(f'{x:.2f}' for x in each)}" if len(each) > 1 else ""))
         m["dlcli_throughput"] = dl
     elif d:
         row("training", task, "seconds per epoch (dlcli)", d, "s", note="no plain-Keras reference for this task yet")
@@ -153,8 +191,26 @@ def report_training(task, m):
     peak = max(m["dlcli_rss"]) if m["dlcli_rss"] else None
     ref_peak = max(m["ref_rss"]) if m["ref_rss"] else None
     if peak:
-        row("memory", task, "peak RSS of dlcli train", peak, "MB", ref_peak, "plain Keras script" if ref_peak else "",
+        row("memory" if section == "training" else section, task, "peak RSS of dlcli train", peak, "MB", ref_peak, "plain Keras script" if ref_peak else "",
             peak / ref_peak if ref_peak else None)
+
+
+def bench_realistic(tasks: list[str], tmp: Path, shared: Path, rounds: int, started: float, task_seconds: dict) -> None:
+    """The training rows again on each task's shared data set at full size (`realistic_specs`),
+    dlcli and the plain Keras script taking turns as in the training section."""
+    specs = realistic_specs(tmp, shared)
+    for task in tasks:
+        if task not in specs:
+            continue
+        log(f"== realistic {task}  ({time.perf_counter() - started:.0f}s so far)")
+        task_started = time.perf_counter()
+        try:
+            measured = bench_training(task, specs[task], tmp / "checkpoints-realistic", rounds, timeout=REALISTIC_TIMEOUT)
+            report_training(task, measured, section="realistic")
+        except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the suite
+            row("error", task, "realistic benchmark failed", str(exc)[:300], "")
+            log(f"   realistic {task} failed: {exc}")
+        task_seconds[f"realistic {task}"] = round(time.perf_counter() - task_started, 1)
 
 
 # -- input pipeline -----------------------------------------------------------------------
@@ -336,7 +392,8 @@ def main():
     p.add_argument("--json-out", default=str(BENCH / "results" / "latest.json"))
     p.add_argument("--rounds", type=int, help="rounds of each measurement (default 2, --quick 1): training "
                    "alternates dlcli and its reference each round, so more rounds, less drift in its ratios")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: startup,training,pipeline,predict,memory,serve")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: "
+                   "startup,training,pipeline,predict,memory,realistic,serve")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     started = time.perf_counter()
@@ -399,6 +456,13 @@ def main():
                 row("error", task, "benchmark failed", str(exc)[:300], "")
                 log(f"   {task} failed: {exc}")
             task_seconds[task] = round(time.perf_counter() - task_started, 1)
+        if "realistic" not in skip:
+            if args.quick:
+                skipped["realistic"] = ["left out in --quick mode (the full data sets take about 40 minutes)"]
+            elif shared is None:
+                skipped["realistic"] = ["needs the shared data sets (--data DIR)"]
+            else:
+                bench_realistic([t for t in tasks if t in REALISTIC], tmp, shared, args.rounds or 1, started, task_seconds)
         serve_tasks = [t for t in ("mnist", "cnn") if t in tasks]
         if "serve" not in skip and serve_tasks:
             log(f"== serve  ({time.perf_counter() - started:.0f}s so far)")

@@ -100,26 +100,36 @@ def test_nan_loss_stops_with_the_epoch_and_step(cli, digits_npz):
 
 
 def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(cli, digits_npz, monkeypatch):
+    """The disk fills while epoch 2's model file is written, in the checkpoint writer's thread:
+    the run stops with the one-line error, and epoch 1's checkpoint is the one left."""
     import keras
 
-    real_save = keras.Model.save
+    from dlcli.engine import keras_workarounds
+
+    real_snapshot = keras_workarounds.model_snapshot
     calls = {"n": 0}
 
-    def save_until_disk_fills(self, path, *args, **kwargs):
+    def snapshot_until_disk_fills(model):
+        write = real_snapshot(model)
         calls["n"] += 1
-        if calls["n"] >= 2:
+        if calls["n"] < 2:
+            return write
+
+        def full(path):
             with open(path, "wb") as fh:
                 fh.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(keras.Model, "save", save_until_disk_fills)
+        return full
+
+    monkeypatch.setattr(keras_workarounds, "model_snapshot", snapshot_until_disk_fills)
     result = cli("train", "mnist", "--dataset", f"npz:{digits_npz}", "--epochs", "3", "--set", "val_size=50",
                  "--run", "full", expect=1)
     assert "no space left on the device" in result.stderr and "previous checkpoint is intact" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     backup = cli.root / "mnist" / "full" / "backup"
     assert sorted(p.name for p in backup.iterdir()) == ["epoch-0001"]
-    monkeypatch.setattr(keras.Model, "save", real_save)
+    monkeypatch.setattr(keras_workarounds, "model_snapshot", real_snapshot)
     keras.models.load_model(backup / "epoch-0001" / "model.keras")
     cli("train", "mnist", "--run", "full", "--resume", "--quiet")  # and the run carries on
 

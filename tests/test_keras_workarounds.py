@@ -218,6 +218,107 @@ def test_keras_saving_still_rebuilds_its_skip_sets():
     assert original("Layer") is not original("Layer")
 
 
+def _trained_dense(seed: int = 0):
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    model.compile("adam", "mse", metrics=["mae"])
+    x = np.random.default_rng(seed).normal(size=(16, 3)).astype("float32")
+    model.fit(x, x[:, :2], verbose=0)
+    return model, x
+
+
+def _state(model) -> list:
+    import numpy as np
+
+    return [np.asarray(v) for v in [*model.weights, *model.optimizer.variables]]
+
+
+def test_a_model_snapshot_is_the_file_a_save_writes_at_that_moment(tmp_path):
+    """Taken, then training goes on, then written: the file is byte for byte what `model.save`
+    wrote when the snapshot was taken (weights, optimizer state, the rate in its config),
+    and it loads as that model."""
+    import zipfile
+
+    import numpy as np
+
+    from dlcli.engine.keras_workarounds import model_snapshot
+    from dlcli.engine.lazy import lazy_import
+
+    keras = lazy_import("keras")
+    model, x = _trained_dense()
+    model.save(tmp_path / "saved.keras")
+    before = _state(model)
+    write = model_snapshot(model)
+    model.optimizer.learning_rate.assign(0.5)
+    model.fit(x, x[:, :2], epochs=2, verbose=0)  # training goes on: every variable moves
+    assert not np.array_equal(_state(model)[0], before[0])
+    write(tmp_path / "snapshot.keras")
+    with zipfile.ZipFile(tmp_path / "saved.keras") as saved, zipfile.ZipFile(tmp_path / "snapshot.keras") as snap:
+        assert saved.namelist() == snap.namelist()
+        for name in ("config.json", "model.weights.h5"):
+            assert saved.read(name) == snap.read(name), name
+    loaded = keras.models.load_model(tmp_path / "snapshot.keras")
+    for got, want in zip(_state(loaded), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_model_with_assets_is_snapshot_whole(tmp_path):
+    """A lookup layer's vocabulary is written as an asset file: such a model is saved whole
+    into memory when the snapshot is taken, and loads with its vocabulary."""
+    import numpy as np
+
+    from dlcli.engine.keras_workarounds import model_snapshot
+    from dlcli.engine.lazy import lazy_import
+
+    keras = lazy_import("keras")
+    words = keras.Input((1,), dtype="string")
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(["a", "b", "b"])  # an adapted vocabulary is no part of the config: an asset
+    model = keras.Model(words, keras.layers.Dense(2)(keras.ops.cast(lookup(words), "float32")))
+    write = model_snapshot(model)
+    lookup.set_vocabulary(["c", "d", "e"])  # changed after the snapshot
+    write(tmp_path / "snapshot.keras")
+    loaded = keras.models.load_model(tmp_path / "snapshot.keras")
+    assert [str(word) for word in loaded.layers[1].get_vocabulary()] == ["[UNK]", "b", "a"]
+    np.testing.assert_array_equal(loaded.get_weights()[0], model.get_weights()[0])
+
+
+@pytest.mark.upstream
+def test_keras_saving_still_reads_each_variable_as_it_writes_it(tmp_path):
+    """If this fails, `model.save` takes its values before it writes: `model_snapshot` can
+    call it in the checkpoint writer's thread instead of replaying Keras's saving walk."""
+    import numpy as np
+
+    from dlcli.engine.lazy import lazy_import
+
+    keras = lazy_import("keras")
+    from keras.src.saving import saving_lib
+
+    model, _ = _trained_dense()
+    first, last = model.layers[0].kernel, model.layers[-1].kernel
+    written = saving_lib.H5IOStore.__setitem__
+    moved = []
+
+    def setitem(self, key, value):  # training going on while the save writes
+        if not moved:
+            moved.append(True)
+            last.assign(last + 1.0)
+        return written(self, key, value)
+
+    before = np.asarray(last)
+    saving_lib.H5IOStore.__setitem__ = setitem
+    try:
+        model.save(tmp_path / "m.keras")
+    finally:
+        saving_lib.H5IOStore.__setitem__ = written
+    assert first is not last
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert not np.array_equal(np.asarray(loaded.layers[-1].kernel), before)  # the value written is the later one
+
+
 def test_a_moved_private_name_is_a_loud_error_naming_the_workaround():
     import keras
 

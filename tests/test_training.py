@@ -63,3 +63,74 @@ def test_fit_hands_keras_every_epoch_without_the_autotune_thread(cli, minimal, m
     cli("train", "minimal", "--run", "quiet", "--quiet")
     assert len(seen) == minimal_task.DEFAULTS["epochs"]
     assert seen == [False] * len(seen)
+
+
+def _dense_model():
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="minimal_dense")
+    model.compile("adam", "mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    return model
+
+
+def test_a_checkpoint_written_beside_training_holds_the_state_it_was_taken_at(tmp_path):
+    import json
+
+    import numpy as np
+
+    from dlcli.runs.run import BackupWriter, Run
+
+    import threading
+
+    from dlcli.runs.files import Snapshot
+
+    run = Run.create(tmp_path, "minimal", "r")
+    model, history = _dense_model(), [{"epoch": 1, "loss": 0.5}]
+    kernel = np.asarray(model.layers[0].kernel)
+    trained_on = threading.Event()  # the thread writes the model file only once training has gone on
+    files = {"gate": Snapshot(lambda path: trained_on.wait(30) and path.write_text("")),
+             **training.CheckpointState().files(model)}
+    writer = BackupWriter(run)
+    writer.save(1, history, files, extra={"loss": 0.5}, then=lambda: run.write_history(list(history)))
+    model.layers[0].kernel.assign(kernel + 1.0)  # training goes on while the checkpoint is written
+    history.append({"epoch": 2, "loss": 0.25})
+    trained_on.set()
+    writer.wait()
+    backup = run.latest_backup()
+    assert backup.name == "epoch-0001" and not list(run.backup_dir.glob(".*"))
+    saved = training.load_model(backup / "model.keras")
+    np.testing.assert_array_equal(np.asarray(saved.layers[0].kernel), kernel)
+    assert json.loads((backup / "state.json").read_text())["history"] == [{"epoch": 1, "loss": 0.5}]
+    assert run.history_path.exists()  # `then`, after the checkpoint is in place
+
+
+def test_a_checkpoint_failing_in_its_thread_is_the_run_error_of_the_next_wait(tmp_path):
+    import errno
+
+    import pytest
+
+    from dlcli.errors import RunError
+    from dlcli.runs.files import Snapshot
+    from dlcli.runs.run import BackupWriter, Run
+
+    run = Run.create(tmp_path, "minimal", "r")
+    model = _dense_model()
+    writer = BackupWriter(run)
+    writer.save(1, [], training.CheckpointState().files(model))
+
+    def full(path):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer.save(2, [], {"model.keras": Snapshot(full)}, then=lambda: run.write_history([]))
+    with pytest.raises(RunError, match=r"no space left on the device while writing .*epoch-0002; "
+                                       r"the previous checkpoint is intact"):
+        writer.wait()
+    assert [p.name for p in run.backup_dir.iterdir()] == ["epoch-0001"]  # no temporary directory left
+    assert not run.history_path.exists()  # `then` runs only after its checkpoint is in place
+    writer.wait()  # the error is raised once
+    writer.save(2, [], training.CheckpointState().files(model))
+    writer.wait()
+    assert run.latest_backup().name == "epoch-0002"

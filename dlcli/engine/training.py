@@ -21,8 +21,8 @@ import math
 import re
 from typing import Callable, Iterable
 
-from dlcli.runs.checkpoints import (CheckpointState, load_model, non_finite_error, resume_point,  # noqa: F401
-                                    soundness, stopped, weight_extent)
+from dlcli.runs.checkpoints import (CheckpointState, load_model, model_file, non_finite_error,  # noqa: F401
+                                    resume_point, soundness, stopped, weight_extent)
 from dlcli.engine.cluster import ClusterWait, strategy_scope  # noqa: F401
 from dlcli.contract import check_model_name
 from dlcli.errors import RunError
@@ -31,7 +31,8 @@ from dlcli.engine import keras_workarounds
 from dlcli.engine.keras_workarounds import build_before_fit, without_autotune_thread
 from dlcli.engine.lazy import lazy_import
 from dlcli.engine.precision import PRECISIONS, precision  # noqa: F401
-from dlcli.runs.files import link_or_copy
+from dlcli.runs.files import Snapshot, link_or_copy  # noqa: F401
+from dlcli.runs.run import BackupWriter
 from dlcli.engine.seeding import epoch_seed, reseed_model, restore_seed_states, seed_states, set_seed  # noqa: F401
 
 keras = lazy_import("keras")
@@ -124,10 +125,11 @@ def step_watcher_class():
         reads_tensor_logs = True
 
         def __init__(self, reporter, steps: int | None, stop, save_mid_epoch: Callable[[int, int], None],
-                     save_every: int = 0):
+                     save_every: int = 0, backups=None):
             super().__init__()
             self.reporter, self.steps, self.stop = reporter, steps, stop
             self.save_mid_epoch, self.save_every = save_mid_epoch, save_every
+            self.backups = backups  # the BackupWriter finishing the last checkpoint while training goes on
             self.bad_loss_at: tuple[int, int] | None = None
             self.bad_weights_at: int | None = None
             self.stopped_at: tuple[int, int] | None = None
@@ -141,6 +143,8 @@ def step_watcher_class():
             self.reporter.start_epoch(epoch, self.steps)
 
         def on_epoch_end(self, epoch, logs=None):
+            if self.backups is not None:  # the last checkpoint in place before the extras write the run's files
+                self.backups.wait()
             if self.model.stop_training:  # cut short: raise_if_stopped says why
                 return
             train_logs = [v for k, v in (logs or {}).items() if not k.startswith("val_")]
@@ -155,6 +159,8 @@ def step_watcher_class():
 
         def on_train_batch_end(self, batch, logs=None):
             ClusterWait.joined()  # the workers took their first step together
+            if self.backups is not None:  # a checkpoint that failed in its thread stops training here
+                self.backups.check()
             if self.metric_states is not None:  # the running sums of a mid-epoch checkpoint
                 add_metric_states(self.model, self.metric_states)
                 self.metric_states = None
@@ -242,9 +248,13 @@ def after_each_epoch(action: Callable[[object, int, dict], None]):
     epoch's history row; what it writes must be resume-safe (a function of the epoch)."""
 
     class _AfterEachEpoch(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.action = action  # what it runs, by name in `engine_costs.py phases`
+
         def on_epoch_end(self, epoch, logs=None):
             if not self.model.stop_training and logs is not None:
-                action(self.model, epoch, logs)
+                self.action(self.model, epoch, logs)
 
     return _AfterEachEpoch()
 
@@ -277,16 +287,21 @@ def fit(
     check_model_name(run.task, model.name)
     epochs = cfg["epochs"]
 
+    # Checkpoints are taken here, at their step, and written by a thread of their own while
+    # training goes on (`BackupWriter`): the next one waits for it, and so does every way out.
+    backups = BackupWriter(run)
+
     def save_mid_epoch(epoch: int, steps_done: int) -> None:
-        run.save_backup(epoch, history, state.files(model), steps_done=steps_done,
-                        extra={"seed_states": seed_states(model), "metric_states": metric_states(model),
-                               **soundness(watcher.loss, watcher.extent)})
+        backups.save(epoch, history, state.files(model), steps_done=steps_done,
+                     extra={"seed_states": seed_states(model), "metric_states": metric_states(model),
+                            **soundness(watcher.loss, watcher.extent)})
 
     build_before_fit(model, ctx.strategy, train_data(start))
     engine = [keras_workarounds.epoch_tensorboard_class()(log_dir=str(run.logs_dir), profile_batch=0)] if tensorboard else []
     reporter.start(epochs, initial_epoch=start)
     with StopOnSignal() as stop:
-        watcher = step_watcher_class()(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0))
+        watcher = step_watcher_class()(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0),
+                                       backups)
         try:
             for epoch in range(start, epochs):
                 reseed_model(model, seed, epoch)
@@ -306,16 +321,25 @@ def fit(
                         verbose=0,
                     )
                 except tf.errors.OpError as exc:
+                    backups.wait(raise_error=False)
                     raise_op_error(exc, ctx, epoch)
+                backups.wait()  # a stop or a NaN names (or removes) checkpoints: all of them in place
                 watcher.raise_if_stopped(run)
                 logs = {k: float(v[-1]) for k, v in result.history.items()}
                 history.append({"epoch": epoch + 1, **logs})
-                run.save_backup(epoch + 1, history, state.files(model), extra=soundness(logs.get("loss"), watcher.extent))
-                run.write_history(history)
+                rows = list(history)
+                backups.save(epoch + 1, history, state.files(model), extra=soundness(logs.get("loss"), watcher.extent),
+                             then=lambda rows=rows: run.write_history(rows))
                 reporter.end_epoch(epoch, logs)
+                if stop.requested:
+                    backups.wait()
                 watcher.raise_if_stopped(run, epoch_done=epoch + 1)
+        except BaseException:
+            backups.wait(raise_error=False)  # the checkpoint in flight completes before the error goes up
+            raise
         finally:
             reporter.finish()
+        backups.wait()
     if start >= epochs:  # stopped after its last checkpoint: history.csv may lack the last row
         ClusterWait.joined()
         run.write_history(history)

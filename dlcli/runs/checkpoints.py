@@ -16,6 +16,7 @@ from typing import Callable
 
 from dlcli.errors import RunError, UsageError
 from dlcli.data.files import NotRegularFile, check_regular
+from dlcli.runs.files import Snapshot
 from dlcli.engine.interrupts import Interrupted
 from dlcli.engine.lazy import lazy_import
 
@@ -84,12 +85,20 @@ class CheckpointState:
         return load_model(backup / "model.keras")
 
     def files(self, model) -> dict[str, Callable[[Path], object]]:
-        """The checkpoint's files: name -> writer(path), for `Run.save_backup`."""
-        return {"model.keras": model.save}
+        """The checkpoint's files as of now: name -> writer(path), for `Run.save_backup`; a
+        `Snapshot` (the model, `model_file`) may be written after training has gone on."""
+        return {"model.keras": model_file(model)}
 
     def outputs(self) -> dict[str, str]:
         """Checkpoint file -> run file, put in place from the last checkpoint at the end."""
         return {"model.keras": self.model_file}
+
+
+def model_file(model) -> Snapshot:
+    """The .keras file of the model (with its optimizer state) as it is now, written later."""
+    from dlcli.engine.keras_workarounds import model_snapshot
+
+    return Snapshot(model_snapshot(model))
 
 
 @dataclasses.dataclass

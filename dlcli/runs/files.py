@@ -43,6 +43,18 @@ def fault_point(kind: str, path: Path | str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Snapshot:
+    """A file's content taken when the snapshot was made: `write(path)` puts it on disk at any
+    later time, from another thread too, reading nothing that has changed since (a checkpoint's
+    model file, taken at its step while training goes on)."""
+
+    def __init__(self, write: Callable[[Path], None]):
+        self.write = write
+
+    def __call__(self, path: Path) -> None:
+        self.write(path)
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,7 +32,7 @@ import yaml
 
 from dlcli.errors import RunError, UsageError
 from dlcli.runs.files import (
-    _describe_os_error, atomic_write_json, atomic_write_text, fault_point, fsync_file,
+    Snapshot, _describe_os_error, atomic_write_json, atomic_write_text, fault_point, fsync_file,
 )
 
 DEFAULT_ROOT = Path("checkpoints")
@@ -347,20 +348,46 @@ class Run:
     ) -> Path:
         """Write a checkpoint directory completely (each `files` writer, then state.json),
         then rename it into place, so a crash never leaves a torn checkpoint."""
+        return self.take_backup(epochs_done, history, files, steps_done, extra).finish()
+
+    def take_backup(
+        self,
+        epochs_done: int,
+        history: list[dict],
+        files: dict[str, Callable[[Path], Any]],
+        steps_done: int = 0,
+        extra: dict | None = None,
+    ) -> "PendingBackup":
+        """A checkpoint as of now, not yet in place: its state, the content of its `Snapshot`
+        files, and its other files written into its temporary directory. `finish()` writes
+        the rest and renames it into place, here or in a `BackupWriter`'s thread."""
         name = f"epoch-{epochs_done:04d}" + (f"-step-{steps_done:06d}" if steps_done else "")
         final = self.backup_dir / name
         tmp = self.backup_dir / f".{name}.tmp-{os.getpid()}"
-        state = {"epochs_done": epochs_done, "steps_done": steps_done, "history": history, **(extra or {})}
+        state = json.dumps({"epochs_done": epochs_done, "steps_done": steps_done, "history": history, **(extra or {})})
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for file_name, write in files.items():
-                write(tmp / file_name)
-                fault_point("write", tmp / file_name)
+                if not isinstance(write, Snapshot):
+                    write(tmp / file_name)
+                    fault_point("write", tmp / file_name)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
+        return PendingBackup(self, final, tmp, files, state)
+
+    def _finish_backup(self, pending: "PendingBackup") -> Path:
+        final, tmp = pending.final, pending.tmp
+        try:
+            for file_name, write in pending.files.items():
+                if isinstance(write, Snapshot):
+                    write(tmp / file_name)
+                    fault_point("write", tmp / file_name)
                 fsync_file(tmp / file_name)
                 fault_point("fsync", tmp / file_name)
             with open(tmp / "state.json", "w") as fh:
-                json.dump(state, fh)
+                fh.write(pending.state)
                 fh.flush()
                 fault_point("write", tmp / "state.json")
                 os.fsync(fh.fileno())
@@ -372,6 +399,9 @@ class Run:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RunError(_describe_os_error(exc, final) + "; the previous checkpoint is intact") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         for older in sorted(self.backup_dir.glob("epoch-*"))[:-KEEP_BACKUPS]:
             self._discard(older)
         # Temporary and half-deleted directories a killed process left (the lock makes them stale).
@@ -394,6 +424,67 @@ class Run:
         except OSError as exc:
             raise RunError(_describe_os_error(exc, self.views_dir)) from None
         return self.file(f"views/{view}{suffix}")
+
+
+class PendingBackup:
+    """A checkpoint taken (`Run.take_backup`) and not yet in place."""
+
+    def __init__(self, run: Run, final: Path, tmp: Path, files: dict, state: str):
+        self.run, self.final, self.tmp, self.files, self.state = run, final, tmp, files, state
+
+    def finish(self) -> Path:
+        """Write its `Snapshot` files, fsync every file, write state.json, rename the directory
+        into place, then remove older checkpoints and what a killed process left."""
+        return self.run._finish_backup(self)
+
+
+class BackupWriter:
+    """Writes a run's checkpoints in a thread of its own while training goes on, one at a
+    time: `save` takes a checkpoint as of now (`Run.take_backup`) and finishes it in the
+    thread; `wait` returns once it is in place.
+
+    The thread's failure (a full disk, a read-only file system: the same `RunError` a
+    checkpoint written in place raises) comes out of the next `save`, `wait` or `check` in the
+    training thread. Each checkpoint is taken only once the one before is in place, since
+    finishing one removes the temporary directories it finds.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, epochs_done: int, history: list[dict], files: dict, steps_done: int = 0,
+             extra: dict | None = None, then: Callable[[], Any] | None = None) -> None:
+        """`Run.save_backup` with everything after taking the checkpoint done in the thread,
+        then `then` (history.csv, written after its checkpoint is in place)."""
+        self.wait()
+        pending = self.run.take_backup(epochs_done, history, files, steps_done, extra)
+
+        def finish():
+            try:
+                pending.finish()
+                if then is not None:
+                    then()
+            except BaseException as exc:  # handed to the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=finish, name="dlcli-checkpoint")
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Return once the checkpoint in flight is in place (or has failed, and raise why)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+
+    def check(self) -> None:
+        """Raise the failure of a checkpoint that has finished, without waiting for one that has not."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
 
 class Names(list):

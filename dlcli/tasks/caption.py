@@ -336,14 +336,20 @@ def caption_arrays(items, vocab: list[str], max_tokens: int):
 
 def pipeline(vectors: np.ndarray, image_index: np.ndarray, tokens: np.ndarray):
     """(image embedding, words in) -> next words, weighted 0 on padding."""
-    vectors = tf.convert_to_tensor(vectors)
-    ds = tf.data.Dataset.from_tensor_slices((image_index, tokens))
+    return tf.data.Dataset.from_tensor_slices((image_index, tokens)), shaper(vectors)
 
+
+def shaper(vectors):
+    """`pipeline`'s map from (image index, caption) to the model's example, traced once: a data
+    set made each epoch with it traces no new function and copies no embeddings into a graph."""
+    vectors = tf.convert_to_tensor(vectors)
+
+    @tf.function
     def shape(i, t):
         target = t[1:]
         return (tf.gather(vectors, i), t[:-1]), target, tf.cast(target != PAD_ID, tf.float32)
 
-    return ds, shape
+    return shape
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -495,13 +501,13 @@ def train(ctx: Context) -> dict:
     held_ds, held_shape = pipeline(held_vectors, held_index, held_tokens)
     val = held_ds.map(held_shape).batch(256).cache()
     n_views, n_images, width = train_views.shape
-    all_views = tf.constant(train_views.reshape(n_views * n_images, width))
+    shape = shaper(train_views.reshape(n_views * n_images, width))
 
     def train_data(epoch):
         """Each caption with one view of its image, drawn from (seed, epoch)."""
         seed = training.epoch_seed(cfg["seed"], epoch)
         view = np.random.default_rng(seed).integers(0, n_views, len(index))
-        ds, shape = pipeline(all_views, view * n_images + index, tokens)
+        ds = tf.data.Dataset.from_tensor_slices((view * n_images + index, tokens))
         return ds.shuffle(len(tokens), seed=seed).map(shape).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
 
     mean, var = train_views[0].mean(0), train_views[0].var(0) + 1e-6

@@ -384,15 +384,20 @@ class Distance:
 # -- saving and resuming ------------------------------------------------------------------
 
 
-def save_optimizers(gan: "FaceGAN", path: Path) -> None:
-    """Both optimizers' variables (iterations, Adam moments) in one .npz file."""
+def optimizers_file(gan: "FaceGAN") -> "training.Snapshot":
+    """Both optimizers' variables (iterations, Adam moments) as they are now, in one .npz file
+    written later (`load_optimizers` reads it)."""
     arrays = {}
     for prefix, opt in (("g", gan.g_optimizer), ("d", gan.d_optimizer)):
         store: dict = {}
         opt.save_own_variables(store)
-        arrays.update({f"{prefix}_{k}": v for k, v in store.items()})
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        arrays.update({f"{prefix}_{k}": np.array(v, copy=True) for k, v in store.items()})
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    return training.Snapshot(write)
 
 
 def load_optimizers(gan: "FaceGAN", path: Path) -> None:
@@ -440,10 +445,10 @@ class GanCheckpoint(training.CheckpointState):
         return new_gan(self.cfg, backup)
 
     def files(self, gan) -> dict:
-        files = {GENERATOR_FILE: lambda path: gan.sampling_generator().save(path),
-                 DISCRIMINATOR_FILE: gan.discriminator.save, OPTIMIZERS_FILE: lambda path: save_optimizers(gan, path)}
+        files = {GENERATOR_FILE: training.model_file(gan.sampling_generator()),
+                 DISCRIMINATOR_FILE: training.model_file(gan.discriminator), OPTIMIZERS_FILE: optimizers_file(gan)}
         if gan.sampler is not gan.generator:
-            files[LIVE_GENERATOR_FILE] = gan.generator.save
+            files[LIVE_GENERATOR_FILE] = training.model_file(gan.generator)
         return files
 
     def outputs(self) -> dict:
@@ -482,7 +487,9 @@ def train(ctx: Context) -> dict:
         """progress.npy gets the fixed batch's faces after each epoch; rows beyond the epochs
         before this one (left by a run killed before its checkpoint) are cut."""
         rows = list(np.load(progress_path)[:epoch]) if epoch and progress_path.exists() else []
-        rows.append(to_pixels(gan.sampling_generator().predict(fixed, verbose=0)))
+        # One batch: `predict_on_batch` runs predict's own step on it without predict's data
+        # set and iterator, the same pixels for a fiftieth of the time (0.015 s against 0.5-1.4 s).
+        rows.append(to_pixels(np.asarray(gan.sampling_generator().predict_on_batch(fixed))))
         atomic_write_npy(progress_path, np.stack(rows))
 
     def add_distance(gan, epoch: int, logs: dict) -> None:
