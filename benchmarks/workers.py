@@ -92,8 +92,8 @@ def arrays(task: str, cfg: dict):
     if task == "autoencoder":  # the same faces, the same split; fit(x, x) with no LR schedule
         from dlcli.data import faces
 
-        ids, x = faces.load_faces(cfg)
-        train, val = faces.split_ids(ids, cfg["val_fraction"], cfg["seed"])
+        ids, x, people = faces.load_faces_and_people(cfg)
+        train, val, _ = faces.draw_split(ids, people, cfg)
         xt, xv = mod.scale(x[train]), mod.scale(x[val])
         return (xt, xt), (xv, xv), lambda: mod.build_model(cfg)
     raise SystemExit(f"no plain-Keras reference for task {task}")

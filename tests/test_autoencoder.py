@@ -13,7 +13,7 @@ from PIL import Image
 from dlcli.data import faces
 from dlcli.errors import UsageError
 from dlcli.tasks import autoencoder
-from tests.conftest import Cli, assert_drawn, make_faces, shared_data
+from tests.conftest import Cli, assert_drawn, draw_face, make_faces, shared_data
 
 FAST = ["--epochs", "2", "--batch-size", "16", "--set", "val_fraction=0.25", "--quiet"]
 
@@ -75,6 +75,116 @@ def test_split_is_seeded_disjoint_and_saved(face_dir, tmp_path):
     assert again["val_ids"] == first["val_ids"] and (again["x_val"] == first["x_val"]).all()
 
 
+def make_people(folder: Path, counts: list[int], seed: int = 0) -> Path:
+    """Face JPEGs of len(counts) people, counts[k] photos in folder/Person_k/, LFW's layout."""
+    rng = np.random.default_rng(seed)
+    for k, n in enumerate(counts):
+        person = folder / f"Person_{k}"
+        person.mkdir(parents=True)
+        for i in range(n):
+            draw_face(rng, 48).save(person / f"Person_{k}_{i:04d}.jpg")
+    return folder
+
+
+class Heard:
+    """A reporter that keeps its info lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+
+def fake_run(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    return type("FakeRun", (), {"file": staticmethod(lambda name: folder / name)})
+
+
+def person(face_id: str) -> str:
+    return Path(face_id).parent.name
+
+
+def test_person_split_puts_no_person_on_both_sides_and_is_seeded():
+    people = [f"p{k}" for k, n in enumerate([1, 5, 2, 9, 3, 1, 4, 6, 2, 7] * 5) for _ in range(n)]
+    train, val = faces.split_people(people, 0.1, seed=3)
+    assert len(train) + len(val) == len(people) and not set(train) & set(val)
+    assert not {people[i] for i in train} & {people[i] for i in val}
+    assert len(val) == round(0.1 * len(people))  # people are held out while they fit the share
+    again = faces.split_people(people, 0.1, seed=3)
+    assert (again[1] == val).all()
+    assert not np.array_equal(faces.split_people(people, 0.1, seed=4)[1], val)
+    big = ["a"] * 30 + ["b"] * 30  # no person fits in a tenth: the first one drawn is held out
+    assert len(faces.split_people(big, 0.1, seed=0)[1]) == 30
+    with pytest.raises(UsageError, match="one person"):
+        faces.split_people(["a"] * 5, 0.2, seed=0)
+
+
+def test_the_default_split_holds_out_whole_people_saved_and_reused(tmp_path):
+    data = make_people(tmp_path / "lfw", [6, 1, 3, 2, 8, 1, 4, 5, 2, 3])
+    cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{data}", "val_fraction": 0.2}
+    run, heard = fake_run(tmp_path / "run"), Heard()
+    first = faces.load_split(cfg, run, heard)
+    held, trained = {person(i) for i in first["val_ids"]}, {person(i) for i in first["train_ids"]}
+    assert held and trained and not held & trained
+    assert len(first["val_ids"]) == 7 and len(first["train_ids"]) == 28
+    saved = json.loads(run.file("split.json").read_text())
+    assert saved["split"] == "person" and saved["val"] == first["val_ids"]
+    assert heard.lines == [f"holding out 7 faces of {len(held)} people (split: person; none of them in training)"]
+    again = faces.load_split({**cfg, "seed": 7, "split": "photo"}, run)  # the run's saved split wins
+    assert again["val_ids"] == first["val_ids"] and (again["x_val"] == first["x_val"]).all()
+    other = faces.load_split({**cfg, "seed": 7}, fake_run(tmp_path / "run7"))
+    assert other["val_ids"] != first["val_ids"]
+
+
+def test_split_photo_holds_out_photos_of_people_also_trained_on(tmp_path):
+    data = make_people(tmp_path / "lfw", [10, 10, 10, 10])
+    cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{data}", "val_fraction": 0.25, "split": "photo"}
+    split = faces.load_split(cfg, fake_run(tmp_path / "run"))
+    assert {person(i) for i in split["val_ids"]} & {person(i) for i in split["train_ids"]}
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["split"] == "photo"
+
+
+def test_photos_with_no_person_fall_back_to_the_photo_split_and_say_so(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        draw_face(rng, 48).save(flat / f"face_{i}.jpg")
+    make_people(flat, [3])  # three photos of one person beside the seven loose ones
+    cfg = {**autoencoder.DEFAULTS, "dataset": f"folder:{flat}", "val_fraction": 0.2}
+    assert faces.load_faces_and_people(cfg)[2] is None
+    heard = Heard()
+    split = faces.load_split(cfg, fake_run(tmp_path / "run"), heard)
+    assert len(split["val_ids"]) == 3 and len(heard.lines) == 1
+    assert "by photo, not by person" in heard.lines[0] and "names no person" in heard.lines[0]
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["split"] == "photo"
+    one = make_people(tmp_path / "one", [8])
+    heard = Heard()
+    split = faces.load_split({**cfg, "dataset": f"folder:{one}"}, fake_run(tmp_path / "run1"), heard)
+    assert len(split["val_ids"]) == 2 and "one person" in heard.lines[0]
+
+
+def test_tfds_people_are_its_text_labels(monkeypatch):
+    from dlcli.data import sources
+
+    class Builder:
+        def __init__(self, labels):
+            self.labels = labels
+            self.info = type("Info", (), {"splits": {"train": None}})
+
+        def as_dataset(self, split):
+            rows = [{"image": np.full((50, 50, 3), 9 * i, np.uint8), "label": label} for i, label in enumerate(self.labels)]
+            return type("Ds", (), {"as_numpy_iterator": lambda _self: iter(rows)})()
+
+    cfg = {**autoencoder.DEFAULTS, "dataset": "lfw"}
+    monkeypatch.setattr(sources, "tfds_builder", lambda name, data_dir: Builder([b"Ann_A", b"Bob_B", b"Ann_A"]))
+    ids, x, people = faces.load_faces_and_people(cfg)
+    assert ids == ["lfw:0", "lfw:1", "lfw:2"] and people == ["Ann_A", "Bob_B", "Ann_A"] and x.shape == (3, 32, 32, 3)
+    monkeypatch.setattr(sources, "tfds_builder", lambda name, data_dir: Builder([np.int64(0), np.int64(1)]))
+    assert faces.load_faces_and_people(cfg)[2] is None  # a number is a class, not a person
+
+
 def test_dataset_errors_are_usage_errors(tmp_path):
     cfg = {**autoencoder.DEFAULTS}
     with pytest.raises(UsageError, match="does not exist"):
@@ -117,6 +227,9 @@ def test_train_eval_and_the_run_files(trained, cli):
     for name in ("config.yaml", "model.keras", "history.csv", "metrics.json", "split.json"):
         assert (run_dir / name).exists(), name
     assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 2
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["split"] == "person" and len(split["val"]) == 12  # one of the four people, all 12 photos
+    assert not {person(i) for i in split["val"]} & {person(i) for i in split["train"]}
     metrics = cli.json("eval", "autoencoder")["metrics"]
     assert metrics["val_faces"] == 12
     assert metrics["val_mse"] == pytest.approx(trained["metrics"]["val_mse"], rel=1e-4)

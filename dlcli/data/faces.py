@@ -1,14 +1,17 @@
 """Face photos for the `autoencoder` and `gan` tasks: load, crop, resize, split.
 
 `--dataset lfw` (tensorflow-datasets) or `folder:PATH`, any folder of photos searched
-recursively (sub-folders allowed, labels ignored). Every photo goes through the course's
+recursively (sub-folders allowed; a photo's folder names its person, as in LFW's layout). Every photo goes through the course's
 preprocessing: the central `crop` x `crop` pixels (90 by default: the course's 80 px
 off each side of a 250x250 LFW photo; the same 90 px sit in the middle of the shared
 128x128 crops, so one number serves both), then a resize to `image_size`. A photo smaller
 than `crop` keeps its central square; `crop: 0` keeps the whole central square.
 
 The train/validation split is drawn from the seed and written to the run as
-`split.json`, so eval, predict and the views use the same held-out faces later.
+`split.json`, so eval, predict and the views use the same held-out faces later. With
+`split: person` it holds out whole people (every photo of a held-out person, none of them
+in training), so the validation error is the error on faces of people the model never saw;
+`split: photo` holds out photos at random. A config without the key (the gan's) splits by photo.
 """
 
 from __future__ import annotations
@@ -70,20 +73,27 @@ def read_faces(paths: list[Path], cfg: dict) -> np.ndarray:
     return np.stack(faces) if faces else np.zeros((0, size, size, 3), np.uint8)
 
 
-def _tfds_faces(name: str, cfg: dict) -> tuple[list[str], np.ndarray]:
+def _tfds_faces(name: str, cfg: dict) -> tuple[list[str], np.ndarray, list[str] | None]:
     builder = data_lib.tfds_builder(name, cfg["data_dir"])
     split = data_lib.pick_split(list(builder.info.splits.keys()), ("train",), name)
-    faces, ids = [], []
+    faces, ids, people = [], [], []
     for i, example in enumerate(builder.as_dataset(split=split).as_numpy_iterator()):
         if cfg["limit"] and i >= cfg["limit"]:
             break
         faces.append(preprocess(example["image"], cfg["crop"], cfg["image_size"]))
         ids.append(f"{name}:{i}")
-    return ids, np.stack(faces)
+        label = example.get("label")  # lfw's: the person's name, as text (a number would be a class)
+        people.append(label.decode("utf-8", "replace") if isinstance(label, bytes) else label if isinstance(label, str) else None)
+    return ids, np.stack(faces), None if None in people else people
 
 
-def load_faces(cfg: dict) -> tuple[list[str], np.ndarray]:
-    """(ids, uint8 faces (N, size, size, 3)) of the configured data set, in a fixed order."""
+def load_faces_and_people(cfg: dict) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """(ids, uint8 faces (N, size, size, 3), the person of each face or None) in a fixed order.
+
+    A folder's person is the sub-folder holding the photo (LFW's `<Person_Name>/`); tfds's is
+    the text `label` feature (lfw's person). None where some face has no person (a photo at the top
+    of the folder, a data set without labels).
+    """
     kind, value = data_lib.parse_dataset(cfg["dataset"], allowed=("tfds", "folder"))
     if kind == "tfds":
         return _tfds_faces(value, cfg)
@@ -91,7 +101,40 @@ def load_faces(cfg: dict) -> tuple[list[str], np.ndarray]:
     if cfg["limit"]:
         files = files[: cfg["limit"]]
     ids = [str(p.relative_to(value)) for p in files]
-    return ids, read_faces(files, cfg)
+    people = [Path(i).parent.as_posix() for i in ids]
+    return ids, read_faces(files, cfg), None if "." in people else people
+
+
+def load_faces(cfg: dict) -> tuple[list[str], np.ndarray]:
+    """(ids, uint8 faces (N, size, size, 3)) of the configured data set, in a fixed order."""
+    ids, x, _ = load_faces_and_people(cfg)
+    return ids, x
+
+
+def split_people(people: list[str], fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices holding out whole people, drawn from the seed.
+
+    People are drawn in a seeded order and held out while their photos fit in the photo
+    split's share (the first drawn always), so the validation set is as large as the photo
+    split's wherever the counts allow, and no person is on both sides.
+    """
+    if not 0 < fraction < 1:
+        raise UsageError(f"val_fraction must be between 0 and 1, got {fraction}")
+    names, person = np.unique(np.array(people, dtype=str), return_inverse=True)
+    if len(names) < 2:
+        raise UsageError("one person is too few to split by person into training and validation")
+    counts = np.bincount(person, minlength=len(names))
+    target = max(1, int(round(len(people) * fraction)))
+    held = np.zeros(len(names), bool)
+    taken = 0
+    for j in np.random.default_rng(seed).permutation(len(names)):
+        if taken == 0 or taken + counts[j] <= target:
+            held[j] = True
+            taken += counts[j]
+        if taken >= target:
+            break
+    val = held[person]
+    return np.flatnonzero(~val), np.flatnonzero(val)
 
 
 def split_ids(ids: list[str], fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -109,10 +152,30 @@ def _dataset_key(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("dataset", "crop", "image_size", "limit")}
 
 
-def load_split(cfg: dict, run) -> dict:
+def draw_split(ids: list[str], people: list[str] | None, cfg: dict, reporter=None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train, val, "person" or "photo"): by person where asked and the people are known."""
+    if cfg.get("split", "photo") == "person":
+        if people is not None and len(set(people)) >= 2:
+            train, val = split_people(people, cfg["val_fraction"], cfg["seed"])
+            if reporter is not None:
+                reporter.info(f"holding out {len(val)} faces of {len(set(people[i] for i in val))} people "
+                              f"(split: person; none of them in training)")
+            return train, val, "person"
+        if reporter is not None:
+            why = ("all faces are of one person" if people is not None else
+                   "the data names no person for some faces (a photo outside a sub-folder, or no text label)")
+            reporter.info(f"holding out faces by photo, not by person: {why}")
+    train, val = split_ids(ids, cfg["val_fraction"], cfg["seed"])
+    return train, val, "photo"
+
+
+def load_split(cfg: dict, run, reporter=None) -> dict:
     """train/val faces of the run: its saved split where it matches the data, else a new one
-    (saved when the run has none)."""
-    ids, faces = load_faces(cfg)
+    (saved when the run has none; `reporter` hears how it was drawn)."""
+    if cfg.get("split", "photo") == "person":
+        ids, faces, people = load_faces_and_people(cfg)
+    else:
+        (ids, faces), people = load_faces(cfg), None
     saved_path = run.file(SPLIT_FILE)
     try:
         saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
@@ -130,10 +193,10 @@ def load_split(cfg: dict, run) -> dict:
         train = np.array([index[n] for n in saved["train"]], dtype=np.int64)
         val = np.array([index[n] for n in saved["val"]], dtype=np.int64)
     else:
-        train, val = split_ids(ids, cfg["val_fraction"], cfg["seed"])
+        train, val, kind = draw_split(ids, people, cfg, reporter)
         if saved is None:
             atomic_write_json(saved_path, {
-                "data": _dataset_key(cfg), "seed": cfg["seed"],
+                "data": _dataset_key(cfg), "seed": cfg["seed"], "split": kind,
                 "train": [ids[i] for i in train], "val": [ids[i] for i in val],
             })
     return {"x_train": faces[train], "x_val": faces[val],

@@ -36,13 +36,14 @@ DEFAULTS = {
     **common_defaults(dataset="lfw", epochs=20, batch_size=64, lr=1e-3),
     **training.keras_defaults(),
     **faces.face_defaults(image_size=32),
+    "split": "person",  # hold out whole people: the validation MSE is the MSE on unseen people
     "model": "deep",
     "code": 32,
     "noise": 0.0,
     "optimizer": "adam",
     "lr_decay": 0.93,  # the learning rate is lr * lr_decay ** epoch
 }
-CHOICES = {"model": ["pca", "deep"], "optimizer": ["adamax", "adam"]}
+CHOICES = {"model": ["pca", "deep"], "optimizer": ["adamax", "adam"], "split": ["person", "photo"]}
 PNG_SCALE = 4  # written reconstructions and strips are enlarged so a 32x32 face is visible
 
 
@@ -111,7 +112,7 @@ def train(ctx: Context) -> dict:
     if cfg["code"] < 1:
         raise UsageError(f"code must be >= 1, got {cfg['code']}")
     training.set_seed(cfg["seed"])
-    split = faces.load_split(cfg, ctx.run)
+    split = faces.load_split(cfg, ctx.run, ctx.reporter)
     x_train, x_val = scale(split["x_train"]), scale(split["x_val"])
     ctx.reporter.info(f"{len(x_train)} training and {len(x_val)} validation faces, {cfg['image_size']}x{cfg['image_size']}")
     train_ds = tf.data.Dataset.from_tensor_slices((x_train, x_train)).cache()
@@ -349,6 +350,8 @@ EXPORT = ExportSpec(preprocessing=export_preprocessing,
 # What this task's own config keys mean (and its own meaning of shared ones), for
 # `dlcli tasks TASK` and `train --help`; keys every task shares are in `config.KEY_HELP`.
 KEY_HELP = {
+    "split": "person: hold out whole people (a folder's sub-folder, tfds lfw's label; by photo where no "
+             "person is known); photo: hold out photos at random",
     "model": "pca: one dense layer each way; deep: convolutional encoder and decoder",
     "code": "numbers in the code between encoder and decoder",
     "noise": "std of Gaussian noise added to the input while training (a denoising autoencoder)",
