@@ -3,17 +3,18 @@
 A compact stand-in for `dlcli train cnn` that switches the default model's ingredients one
 by one (the stem, the augmentation, the block widths, label smoothing, the rate and weight
 decay), so that what each buys is measured on the same data, split and seed. It trains on
-the 48,000 training images dlcli trains on (the same seeded 2,000 held out), prints the
+48,000 training images (2,000 held out by `--seed`, as dlcli holds them out), prints the
 plain test accuracy after every epoch (the curve) and, at the end, the test accuracy
 without and with test-time augmentation (mirror; mirror and 1-pixel shifts). The learning
 rate rises and falls every step (dlcli's one-cycle moves it every epoch). Not a test.
+The data is the CIFAR-10 folder under `--data DIR` or `$DLCLI_SHARED_DATA` (the shared
+data sets).
 
-    python benchmarks/cnn_recipes.py --data ../shared/data --stem conv3 --aug bilinear --shift 4 \
+    python benchmarks/cnn_recipes.py --stem conv3 --aug bilinear --shift 4 \
         --label-smoothing 0 --lr 0.05 --weight-decay 5e-4 --epochs 15          # the plain baseline
-    python benchmarks/cnn_recipes.py --data ../shared/data --epochs 15 --lr 0.05 --weight-decay 5e-4
-    python benchmarks/cnn_recipes.py --data ../shared/data --widths 64,256,256 --epochs 10 \
-        --lr 0.05 --weight-decay 5e-4
-    python benchmarks/cnn_recipes.py --data ../shared/data --stem conv3 --speed 30   # the cost of a step
+    python benchmarks/cnn_recipes.py --epochs 15 --lr 0.05 --weight-decay 5e-4
+    python benchmarks/cnn_recipes.py --widths 64,256,256 --epochs 10 --lr 0.05 --weight-decay 5e-4
+    python benchmarks/cnn_recipes.py --stem conv3 --speed 30                  # the cost of a step
 """
 
 from __future__ import annotations

@@ -251,10 +251,11 @@ def pipeline(args, spec):
         xt, yt = mod.to_arrays(tr, vocab, max(map(len, tr + va)) + 1)
         train_data, _ = training.array_epochs(xt, yt, cfg["batch_size"], cfg["seed"])
     elif args.task == "cnn":
-        x, y, _ = mod.load_split(cfg, "train")
+        x, y, classes = mod.load_split(cfg, "train")
         (xt, yt), _ = mod.split_validation(x, y, cfg["val_size"], cfg["seed"])
         ex = mod.examples(xt, yt)
-        train_data = lambda e: mod.batches(ex, cfg["batch_size"], 10, training.epoch_seed(cfg["seed"], e), shuffle=True)  # noqa: E731
+        train_data = lambda e: mod.batches(ex, cfg["batch_size"], len(classes), training.epoch_seed(cfg["seed"], e),  # noqa: E731
+                                           shuffle=True)
     elif args.task == "linear":
         d = mod.load_data(cfg)
         mod.expand(d["x_train"])
