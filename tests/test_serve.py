@@ -60,7 +60,7 @@ def files(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def server(runs):
-    with Server(["mnist", "linear"], runs_dir=runs, port=0, max_body=256 * 1024, timeout=1.0,
+    with Server(["mnist", "linear"], runs_dir=runs, port=0, max_body=256 * 1024, timeout=2.0,
                 batch_wait=0.02) as s:
         yield s
 
@@ -219,8 +219,8 @@ def test_a_client_that_disconnects_or_stalls_is_dropped_while_others_are_served(
     stalled.sendall(head + b'{"instances": [')
     started = time.monotonic()
     good(server)  # served while the stalled client holds its connection
-    assert stalled.recv(1000) == b""  # closed by the server: its timeout is 1 s
-    assert 0.5 < time.monotonic() - started < 8
+    assert stalled.recv(1000) == b""  # closed by the server: its timeout is 2 s
+    assert 1.5 < time.monotonic() - started < 10
     stalled.close()
     silent = raw_connection(server)  # connected, never a byte
     assert silent.recv(1000) == b""
@@ -259,6 +259,19 @@ def _until_serving(proc) -> list[str]:
     return lines
 
 
+def _refused_within(port: int, seconds: float) -> bool:
+    """Whether connecting to `port` is refused before `seconds` pass (a connection that still
+    gets in is closed at once, so it holds nothing up)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(runs, files):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dlcli", "serve", "mnist", "linear", "--runs-dir", str(runs),
@@ -274,9 +287,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(runs, files):
                      + body[:10])
         time.sleep(0.3)  # the request is in flight: its head read, its body on its way
         proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
-        with pytest.raises(ConnectionRefusedError):  # no new connections once stopping
-            socket.create_connection(("127.0.0.1", port), timeout=2)
+        assert _refused_within(port, 20.0)  # no new connections once stopping (a busy machine takes a while)
         sock.sendall(body[10:])
         answer = b""
         while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
