@@ -11,7 +11,7 @@ closed loop, for a bounded number of requests and seconds. Figures:
 
 - images/s of the server with 8 and 32 clients, beside `model.predict` on the same 1,000
   images already decoded and preprocessed in memory (`workers.py predict-ref`, with the
-  mirror pass where the task has `tta`; the mean of a run before the server's and one after),
+  task's test views (`tta`); the mean of a run before the server's and one after),
   and the ratio (target >= 0.9);
 - p50 and p99 latency of one request at each of those concurrencies, and alone (1 client);
 - the load run: 10,000 requests from 32 clients to mnist, the errors (target 0), and the

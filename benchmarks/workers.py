@@ -316,15 +316,16 @@ def _in_memory_reference(args, spec, paths: list[str]):
         images = np.stack([mod.to_input(read_image(p, mode="RGB")) for p in paths])
     model = training.load_model(Path(args.model), args.task)
     # cnn and finetune predict with test-time augmentation by default (`tta`): the reference
-    # does the same work, a second pass over the mirror images.
-    tta = args.task in ("cnn", "finetune")
+    # does the same work, a pass over each view (finetune: the mirror images; cnn: its
+    # `tta_views`, the mirror and the shifted images).
+    if args.task == "cnn":
+        views = mod.tta_views(images, task_cfg("cnn", spec))
+    else:
+        views = [images, images[:, :, ::-1]] if args.task == "finetune" else [images]
     batch = 64 if args.task == "finetune" else 256
 
     def predict_all():
-        probs = model.predict(images, batch_size=batch, verbose=0)
-        if tta:
-            probs = (probs + model.predict(images[:, :, ::-1], batch_size=batch, verbose=0)) / 2
-        return probs
+        return sum(model.predict(view, batch_size=batch, verbose=0) for view in views) / len(views)
 
     predict_all()  # warm-up (tracing)
     return images, predict_all
@@ -333,21 +334,25 @@ def _in_memory_reference(args, spec, paths: list[str]):
 def predict_floor(args, spec):
     """The least a one-call cnn predict through Keras must spend, beside the reference, in
     turns: load the model (as predict does, without its optimizer) and run predict's batches
-    of 128 images and their mirrors through predict's own `lite.KerasModel` (the last batch
+    of 128 images and their test views through predict's own `lite.KerasModel` (the last batch
     padded), on images already in memory. reference / floor is the best ratio a call could
     reach if reading, decoding, ranking and printing cost nothing."""
-    from dlcli.runs import checkpoints
     from dlcli.inference import lite
+    from dlcli.runs import checkpoints
+    from dlcli.tasks import cnn
 
     if args.task != "cnn":
         raise SystemExit("predict-floor measures cnn's Keras path only")
     images, predict_all = _in_memory_reference(args, spec, Path(args.images).read_text().splitlines())
+    cfg = task_cfg("cnn", spec)
+
+    def cnn_views(x):
+        return cnn.tta_views(x, cfg)
 
     def model_path():
         model = lite.KerasModel(checkpoints.load_model(Path(args.model), "cnn", compile=False))
         for i in range(0, len(images), 128):
-            x = images[i:i + 128]
-            model(np.concatenate([x, x[:, :, ::-1]]))
+            model(np.concatenate(cnn_views(images[i:i + 128])))
 
     reference, floor = [], []
     for _ in range(args.repeats):

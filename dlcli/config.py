@@ -158,6 +158,7 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_size": _range(8, 2048),
     "crop": _range(1, 100_000),
     "shift": _range(0, 15, note=" (pixels; 0: no shifts)"),
+    "tta_shift": _range(0, 15, note=" (pixels; 0: the image and its mirror only)"),
     "limit": _range(0, 10**9, note=" (0: no limit)"),
     "max_images": _range(0, 10**9, note=" (0: no limit)"),
     "min_word_count": _range(1, 10**6),

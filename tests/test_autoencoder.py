@@ -210,6 +210,17 @@ def test_models_have_a_code_of_the_configured_size():
         autoencoder.build_model({**cfg, "image_size": 36})
 
 
+def test_the_rate_falls_along_a_half_cosine_by_default_and_by_lr_decay_when_asked():
+    cfg = {**autoencoder.DEFAULTS}
+    rates = [autoencoder.schedule(cfg).schedule(epoch) for epoch in range(cfg["epochs"])]
+    assert rates[0] == pytest.approx(cfg["lr"]) and all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[cfg["epochs"] // 2] == pytest.approx(cfg["lr"] / 2)
+    assert 0 < rates[-1] < cfg["lr"] / 100
+    cfg["lr_schedule"] = "exponential"
+    rates = [autoencoder.schedule(cfg).schedule(epoch) for epoch in range(3)]
+    assert rates == pytest.approx([cfg["lr"] * cfg["lr_decay"] ** e for e in range(3)])
+
+
 def test_morph_and_nearest():
     a, b = np.zeros(4, np.float32), np.ones(4, np.float32)
     line = autoencoder.morph_codes(a, b, 5)

@@ -101,18 +101,37 @@ def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
         assert chosen == ("mixed_bfloat16" if precision.cpu_has_amx() else "float32")
 
 
-def test_tta_averages_an_image_with_its_mirror():
-    model = cnn.build_model({**cnn.DEFAULTS, "width": 8, "precision": "float32"})
+def test_tta_averages_an_image_with_its_mirror_and_their_shifts():
+    cfg = {**cnn.DEFAULTS, "width": 8, "precision": "float32"}
+    model = cnn.build_model(cfg)
     x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    plain, none = cnn.predict_probabilities(model, x, tta=False)
-    both, without = cnn.predict_probabilities(model, x, tta=True)
-    mirrored, _ = cnn.predict_probabilities(model, x[:, :, ::-1], tta=True)
+    plain, none = cnn.predict_probabilities(model, x, {**cfg, "tta": False})
+    mirror_only = {**cfg, "tta_shift": 0}
+    both, without = cnn.predict_probabilities(model, x, mirror_only)
+    mirrored, _ = cnn.predict_probabilities(model, x[:, :, ::-1], mirror_only)
     assert none is None
     np.testing.assert_allclose(without, plain, atol=1e-6)
     np.testing.assert_allclose(mirrored, both, atol=1e-5)  # an image and its mirror: one answer
     assert not np.allclose(both, plain, atol=1e-4)  # the mirror image did change something
+    shifted, _ = cnn.predict_probabilities(model, x, {**cfg, "tta_shift": 1})
+    assert not np.allclose(shifted, both, atol=1e-4)
+    np.testing.assert_allclose(shifted.sum(1), 1, atol=1e-5)
     metrics = cnn.accuracy_metrics(np.array([0, 1, 2, 3, 4]), both, plain)
     assert set(metrics) == {"test_loss", "test_accuracy", "test_accuracy_without_tta"}
+
+
+def test_the_shifted_tta_views_move_the_image_a_pixel_each_way_with_reflected_edges():
+    x = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+    views = cnn.tta_views(x, {"tta": True, "tta_shift": 1})
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    mirror, down_right, up_left = views[1], views[2], views[3]
+    np.testing.assert_array_equal(mirror, x[:, :, ::-1])
+    np.testing.assert_array_equal(down_right[:, 1:, 1:], x[:, :-1, :-1])
+    np.testing.assert_array_equal(down_right[:, 0, 1:], x[:, 1, :-1])  # the edge reflected, not repeated
+    np.testing.assert_array_equal(up_left[:, :-1, :-1], x[:, 1:, 1:])
+    np.testing.assert_array_equal(views[4][:, 1:, 1:], mirror[:, :-1, :-1])
+    assert len(cnn.tta_views(x, {"tta": True, "tta_shift": 0})) == 2
+    assert len(cnn.tta_views(x, {"tta": False, "tta_shift": 1})) == 1
 
 
 def test_one_cycle_rises_then_falls_and_course_decays():

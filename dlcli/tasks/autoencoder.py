@@ -21,7 +21,7 @@ import numpy as np
 
 from dlcli.data import sources as data_lib
 from dlcli.data import faces
-from dlcli.engine import training
+from dlcli.engine import schedules, training
 from dlcli.inference import lite
 from dlcli.errors import UsageError
 from dlcli.data.images import in_input_order, read_many
@@ -33,7 +33,7 @@ keras = lazy_import("keras")
 tf = lazy_import("tensorflow")
 
 DEFAULTS = {
-    **common_defaults(dataset="lfw", epochs=20, batch_size=64, lr=1e-3),
+    **common_defaults(dataset="lfw", epochs=20, batch_size=32, lr=3e-3),
     **training.keras_defaults(),
     **faces.face_defaults(image_size=32),
     "split": "person",  # hold out whole people: the validation MSE is the MSE on unseen people
@@ -41,9 +41,11 @@ DEFAULTS = {
     "code": 32,
     "noise": 0.0,
     "optimizer": "adam",
-    "lr_decay": 0.93,  # the learning rate is lr * lr_decay ** epoch
+    "lr_schedule": "cosine",  # cosine: lr falls along a half cosine to about 0 at the last epoch
+    "lr_decay": 0.93,  # lr_schedule exponential: the learning rate is lr * lr_decay ** epoch
 }
-CHOICES = {"model": ["pca", "deep"], "optimizer": ["adamax", "adam"], "split": ["person", "photo"]}
+CHOICES = {"model": ["pca", "deep"], "optimizer": ["adamax", "adam"], "split": ["person", "photo"],
+           "lr_schedule": ["cosine", "exponential"]}
 PNG_SCALE = 4  # written reconstructions and strips are enlarged so a 32x32 face is visible
 
 
@@ -122,14 +124,20 @@ def train(ctx: Context) -> dict:
         return train_ds.shuffle(len(x_train), seed=seed).batch(cfg["batch_size"]).prefetch(tf.data.AUTOTUNE)
 
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, x_val)).batch(256).cache()
-    lr, decay = cfg["lr"], cfg["lr_decay"]
-    schedule = keras.callbacks.LearningRateScheduler(lambda epoch: lr * decay**epoch)
     model, history = training.fit(
         ctx, build_model=lambda: build_model(cfg), train_data=train_data, val_data=val_ds,
-        steps_per_epoch=-(-len(x_train) // cfg["batch_size"]), callbacks=[schedule],
+        steps_per_epoch=-(-len(x_train) // cfg["batch_size"]), callbacks=[schedule(cfg)],
     )
     return {"train_mse": history[-1]["loss"], "val_mse": history[-1]["val_loss"],
             "val_faces": len(x_val), "code": cfg["code"], "model": cfg["model"]}
+
+
+def schedule(cfg: dict):
+    """The learning-rate callback: a half cosine over the run (the default: it lets the
+    first epochs take large steps and the last ones settle), or x`lr_decay` each epoch."""
+    if cfg["lr_schedule"] == "exponential":
+        return training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])
+    return schedules.cosine_per_epoch(cfg["lr"], first=0, length=cfg["epochs"])
 
 
 def evaluate(ctx: Context) -> dict:
@@ -356,6 +364,8 @@ KEY_HELP = {
     "code": "numbers in the code between encoder and decoder",
     "noise": "std of Gaussian noise added to the input while training (a denoising autoencoder)",
     "optimizer": "the optimizer",
+    "lr_schedule": "cosine: a half cosine from lr to about 0 over the epochs; exponential: lr x lr_decay each epoch",
+    "lr_decay": "lr_schedule exponential: the learning rate is multiplied by this after every epoch",
 }
 
 
