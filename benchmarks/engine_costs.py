@@ -27,7 +27,8 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
     python benchmarks/engine_costs.py precision
         What `precision: auto` decides: in one process, float32 against mixed_bfloat16,
         alternating, on random data of the real shapes: gan training steps (faces/s) and cnn's
-        default model, training and predict (examples/s). Prints whether the CPU has AMX.
+        default model, training and predict (examples/s). Prints whether the CPU has AMX and
+        what `auto` picks.
     python benchmarks/engine_costs.py save
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
         mnist models, as `Run.save_backup` writes them after every epoch.
@@ -291,11 +292,11 @@ def precision(args) -> None:
     import tensorflow as tf
 
     from dlcli import config as config_lib
-    from dlcli.engine.precision import cpu_flags, cpu_has_amx
+    from dlcli.engine.precision import bfloat16_pays, cpu_flags, cpu_has_amx
     from dlcli.tasks import cnn, gan, get_task
 
     print(f"AMX: {cpu_has_amx()}; bfloat16 instructions (avx512_bf16): "
-          f"{'avx512_bf16' in cpu_flags()}")
+          f"{'avx512_bf16' in cpu_flags()}; auto picks bfloat16: {bfloat16_pays()}")
     rng = np.random.default_rng(0)
     policies = ("float32", "mixed_bfloat16")
     gan_cfg = config_lib.resolve(get_task("gan").defaults, flags={}, choices=get_task("gan").choices)

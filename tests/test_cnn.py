@@ -98,7 +98,25 @@ def test_precision_policy_is_per_model_and_survives_saving(tmp_path):
     assert loaded.get_layer("stem").compute_dtype == "bfloat16"
     assert cnn.build_model({**cfg, "precision": "float32"}).get_layer("stem").compute_dtype == "float32"
     with precision.precision("auto") as chosen:
-        assert chosen == ("mixed_bfloat16" if precision.cpu_has_amx() else "float32")
+        assert chosen == ("mixed_bfloat16" if precision.bfloat16_pays() else "float32")
+
+
+@pytest.mark.parametrize("vendor, flags, pays", [
+    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile", True),
+    ("GenuineIntel", "avx512f avx512_bf16", False),
+    ("AuthenticAMD", "avx512f avx512_bf16", True),
+    ("AuthenticAMD", "avx2 fma", False),
+])
+def test_auto_precision_is_bfloat16_where_the_cpu_runs_it_faster(tmp_path, monkeypatch, vendor, flags, pays):
+    from dlcli.engine import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 {flags}\n\n"
+                       f"processor\t: 1\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 {flags}\n")
+    monkeypatch.setattr(precision, "CPUINFO", str(cpuinfo))
+    assert precision.bfloat16_pays() is pays
+    monkeypatch.setattr(precision, "CPUINFO", str(tmp_path / "absent"))
+    assert precision.bfloat16_pays() is False and precision.cpu_flags() == set()
 
 
 def test_tta_averages_an_image_with_its_mirror_and_their_shifts():

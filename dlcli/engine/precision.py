@@ -11,34 +11,56 @@ tf = lazy_import("tensorflow")
 
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first value of a /proc/cpuinfo field ('' where there is none)."""
+    try:
+        with open(CPUINFO) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def cpu_flags() -> set[str]:
     """The x86 CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return {flag for line in fh if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
+    return set(_cpuinfo_field("flags").split())
 
 
 def cpu_has_amx() -> bool:
-    """Whether this x86 CPU has AMX tiles for bfloat16 (what makes bfloat16 pay on a CPU).
-
-    AVX512-BF16 alone does not: on such a Xeon (2026-11-26, AMX not exposed) bfloat16 ran the
-    gan's training at 100-138 faces/s against 200-232 in float32, cnn's at 397-420 ex/s
-    against 397-655 and its predict at 792-1,485 img/s against 1,547-2,196
-    (`python benchmarks/engine_costs.py precision`, four interleaved rounds)."""
+    """Whether this x86 CPU has AMX tiles for bfloat16."""
     return "amx_bf16" in cpu_flags()
+
+
+def bfloat16_pays() -> bool:
+    """Whether this CPU trains and predicts faster in bfloat16 than in float32: one with AMX,
+    or an AMD one with AVX512-BF16. Measured with `python benchmarks/engine_costs.py
+    precision` (four interleaved rounds, float32 against mixed_bfloat16):
+
+    - AMD EPYC with AVX512-BF16, no AMX: gan training 200-202 faces/s against 100-159 in
+      float32, cnn training 436-456 ex/s against 226-316, cnn predict 1,351-1,605 img/s
+      against 790-993.
+    - Intel Xeon with AVX512-BF16 and AMX not exposed: the slower one, gan 100-138 faces/s
+      against 200-232, cnn training 397-420 ex/s against 397-655, predict 792-1,485 img/s
+      against 1,547-2,196.
+    """
+    if cpu_has_amx():
+        return True
+    return "avx512_bf16" in cpu_flags() and _cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
 @contextlib.contextmanager
 def precision(name: str):
     """Build layers under a Keras dtype policy (`auto`: mixed_bfloat16 on a CPU-only machine
-    whose CPU has AMX, float32 elsewhere). The policy is saved with each layer, so a loaded
+    where `bfloat16_pays`, float32 elsewhere). The policy is saved with each layer, so a loaded
     model computes as it was trained; the global policy is restored."""
     if name == "auto":
-        name = "mixed_bfloat16" if not tf.config.list_physical_devices("GPU") and cpu_has_amx() else "float32"
+        name = "mixed_bfloat16" if not tf.config.list_physical_devices("GPU") and bfloat16_pays() else "float32"
     before = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
