@@ -198,7 +198,6 @@ def main() -> None:
     if args.speed:
         return time_steps(model, x, y, args)
     test = cnn.scale(x_test)
-    mirror = test[:, :, ::-1]
     started = time.perf_counter()
     for epoch in range(args.epochs):
         ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed * 1000 + epoch)
@@ -207,10 +206,7 @@ def main() -> None:
         print(json.dumps({"epoch": epoch + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
                           "train_accuracy": round(history.history["accuracy"][-1], 4),
                           "test_accuracy": accuracy(model, [test], y_test)}), flush=True)
-    views = [test, mirror]
-    for view in (test, mirror):
-        padded = np.pad(view, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-        views += [padded[:, :32, :32], padded[:, 2:, 2:]]
+    views = cnn.tta_views(test, {"tta": True, "tta_shift": 1})  # the image, its mirror, both shifted
     print(json.dumps({"test_accuracy": accuracy(model, [test], y_test), "with_mirror": accuracy(model, views[:2], y_test),
                       "with_mirror_and_shifts": accuracy(model, views, y_test), "args": vars(args)}), flush=True)
 

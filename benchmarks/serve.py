@@ -1,7 +1,9 @@
 """`dlcli serve` against in-memory `model.predict`: throughput, latency and memory over HTTP.
 
-    python benchmarks/serve.py --data ../shared/data                  # mnist and cnn, 8 and 32 clients, the load run
-    python benchmarks/serve.py --data ../shared/data --tasks mnist,cnn,finetune --json-out benchmarks/results/serve.json
+    python benchmarks/serve.py --data DIR                  # mnist and cnn, 8 and 32 clients, the load run
+    python benchmarks/serve.py --data DIR --tasks mnist,cnn,finetune --json-out benchmarks/results/serve.json
+
+DIR is the folder of the shared real data sets (default: $DLCLI_SHARED_DATA).
 
 For each task a short run is trained on small real data (`--data`, else generated data of
 the same shapes) and mnist's is exported (predict's default path for it); `dlcli serve` runs

@@ -346,13 +346,10 @@ def predict_floor(args, spec):
     images, predict_all = _in_memory_reference(args, spec, Path(args.images).read_text().splitlines())
     cfg = task_cfg("cnn", spec)
 
-    def cnn_views(x):
-        return cnn.tta_views(x, cfg)
-
     def model_path():
         model = lite.KerasModel(checkpoints.load_model(Path(args.model), "cnn", compile=False))
         for i in range(0, len(images), 128):
-            model(np.concatenate(cnn_views(images[i:i + 128])))
+            model(np.concatenate(cnn.tta_views(images[i:i + 128], cfg)))
 
     reference, floor = [], []
     for _ in range(args.repeats):

@@ -14,22 +14,24 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 CPUINFO = "/proc/cpuinfo"
 
 
-def _cpuinfo_field(name: str) -> str:
-    """The first value of a /proc/cpuinfo field ('' where there is none)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields, name -> value (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open(CPUINFO) as fh:
             for line in fh:
+                if not line.strip():  # the first processor's block ends here
+                    break
                 key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return ""
+    return fields
 
 
 def cpu_flags() -> set[str]:
     """The x86 CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    return set(_cpuinfo_field("flags").split())
+    return set(_cpuinfo().get("flags", "").split())
 
 
 def cpu_has_amx() -> bool:
@@ -49,9 +51,9 @@ def bfloat16_pays() -> bool:
       against 200-232, cnn training 397-420 ex/s against 397-655, predict 792-1,485 img/s
       against 1,547-2,196.
     """
-    if cpu_has_amx():
-        return True
-    return "avx512_bf16" in cpu_flags() and _cpuinfo_field("vendor_id") == "AuthenticAMD"
+    info = _cpuinfo()  # one read of /proc/cpuinfo for the flags and the vendor
+    flags = set(info.get("flags", "").split())
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and info.get("vendor_id") == "AuthenticAMD")
 
 
 @contextlib.contextmanager
