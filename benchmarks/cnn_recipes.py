@@ -92,14 +92,16 @@ def dirac_init(conv) -> None:
 
 
 def build(args, images):
+    activation = layers.ReLU if args.activation == "relu" else lambda: layers.Activation("gelu")
+
     def bn_relu(x):
         if args.bn_scale == "learnt" and args.bias_lr == 1:
-            return layers.ReLU()(layers.BatchNormalization(momentum=args.bn_momentum)(x))
-        x = layers.BatchNormalization(momentum=args.bn_momentum, center=args.bias_lr == 1,
+            return activation()(layers.BatchNormalization(momentum=args.bn_momentum, epsilon=args.bn_epsilon)(x))
+        x = layers.BatchNormalization(momentum=args.bn_momentum, epsilon=args.bn_epsilon, center=args.bias_lr == 1,
                                       scale=args.bn_scale == "learnt")(x)
         if args.bias_lr != 1:
             x = ScaledBias(math.sqrt(args.bias_lr))(x)
-        return layers.ReLU()(x)
+        return activation()(x)
 
     inputs = keras.Input((cnn.SIZE, cnn.SIZE, 3))
     if args.aug == "bilinear":  # fractional shifts, interpolated
@@ -109,7 +111,7 @@ def build(args, images):
         x = RandomCrop(args.shift, dtype="float32")(inputs)
     if args.stem == "whiten":
         stem = layers.Conv2D(24, 2, use_bias=False, trainable=False)
-        x = layers.ReLU()(stem(x))
+        x = activation()(stem(x))
         stem.kernel.assign(cnn.whitening_kernel(images))
     else:
         x = bn_relu(layers.Conv2D(24, 3, padding="same", use_bias=False)(x))
@@ -118,7 +120,12 @@ def build(args, images):
         convs += [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.Conv2D(filters, 3, padding="same", use_bias=False)]
         x = bn_relu(layers.MaxPooling2D()(convs[-2](x)))
         x = bn_relu(convs[-1](x))
-    outputs = layers.Dense(10, activation="softmax", dtype="float32")(layers.GlobalMaxPooling2D()(x))
+    x = layers.GlobalMaxPooling2D()(x)
+    if args.logit_scale == 1:
+        outputs = layers.Dense(10, activation="softmax", dtype="float32")(x)
+    else:  # airbench: no bias, logits scaled down (a lower temperature the rate cannot blow up)
+        logits = layers.Dense(10, use_bias=False, dtype="float32")(x)
+        outputs = layers.Softmax(dtype="float32")(layers.Rescaling(args.logit_scale, dtype="float32")(logits))
     model = keras.Model(inputs, outputs)
     if args.dirac:
         for conv in convs:
@@ -137,6 +144,49 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         rise = self.lr * (0.1 + 0.9 * t / self.warmup)
         u = tf.minimum((t - self.warmup) / (1 - self.warmup), 1.0)
         return tf.where(t < self.warmup, rise, self.lr * (0.01 + 0.99 * 0.5 * (1 + tf.cos(math.pi * u))))
+
+
+class Triangle(keras.optimizers.schedules.LearningRateSchedule):
+    """airbench's rate: linear from start x lr to lr at `peak` of the steps, then down to end x lr."""
+
+    def __init__(self, lr: float, total: int, start: float = 0.2, peak: float = 0.23, end: float = 0.07):
+        self.lr, self.total, self.start, self.peak, self.end = lr, total, start, peak, end
+
+    def __call__(self, step):
+        t = tf.cast(step, tf.float32) / self.total
+        rise = self.start + (1 - self.start) * t / self.peak
+        fall = 1 + (self.end - 1) * (t - self.peak) / (1 - self.peak)
+        return self.lr * tf.where(t < self.peak, rise, tf.maximum(fall, self.end))
+
+
+class Lookahead(keras.callbacks.Callback):
+    """airbench's averaged weights: from step `start` on, every `every` steps the weights (and
+    batch norm's statistics) move to their running average and are replaced by it, with a
+    decay that grows as (step / total)**3, so training moves fast early and averages late;
+    at each epoch's end the model takes the average."""
+
+    def __init__(self, total: int, start: int, every: int = 5, base: float = 0.95, power: float = 3.0):
+        super().__init__()
+        self.total, self.start, self.every, self.base, self.power = total, start, every, base, power
+        self.average = None
+
+    def _update(self, decay: float) -> None:
+        for mean, variable in zip(self.average, self.model.weights):
+            mean += (1 - decay) * (variable.numpy() - mean)
+            variable.assign(mean)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step < self.start or step % self.every:
+            return
+        if self.average is None:
+            self.average = [v.numpy().astype(np.float32) for v in self.model.weights]
+        else:
+            self._update(self.base ** self.every * (step / self.total) ** self.power)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.average is not None:
+            self._update(1.0)
 
 
 def accuracy(model, views, y) -> float:
@@ -172,12 +222,30 @@ def main() -> None:
     parser.add_argument("--bn-scale", choices=["learnt", "fixed"], default="learnt", help="batch norm's scale (fixed: 1)")
     parser.add_argument("--bias-lr", type=float, default=1, help="batch norm's bias learns this many times faster")
     parser.add_argument("--bn-momentum", type=float, default=0.9)
+    parser.add_argument("--bn-epsilon", type=float, default=1e-3)
     parser.add_argument("--dirac", action="store_true", help="identity-initialise the blocks' convolutions")
+    parser.add_argument("--activation", choices=["relu", "gelu"], default="relu")
+    parser.add_argument("--logit-scale", type=float, default=1, help="scale the logits (airbench: 1/9, no bias)")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--schedule", choices=["one-cycle", "triangle"], default="one-cycle")
+    parser.add_argument("--lookahead", type=float, default=0, metavar="EPOCHS",
+                        help="average the weights airbench's way from this many epochs on (0: not)")
+    parser.add_argument("--airbench", action="store_true",
+                        help="airbench94's optimisation: batch 1024, lr 1.5, momentum 0.85, triangle rate, weight "
+                             "decay 0.0089 (its 0.0153 per 1024 examples through the momentum), fixed batch-norm "
+                             "scale, bias lr x64, batch-norm momentum 0.6, dirac, logits x 1/9, lookahead from epoch 3")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16"])
     parser.add_argument("--speed", type=int, default=0, metavar="STEPS",
                         help="only time STEPS training steps: images per second of wall and of CPU time "
                              "(the CPU figure compares recipes measured on busy cores)")
     args = parser.parse_args()
+    if args.airbench:
+        airbench = dict(batch_size=1024, lr=1.5, momentum=0.85, schedule="triangle", weight_decay=0.0089,
+                        bn_scale="fixed", bias_lr=64, bn_momentum=0.6, bn_epsilon=1e-5, dirac=True,
+                        logit_scale=1 / 9, lookahead=3)
+        for key, value in airbench.items():  # options given on the command line win
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
 
     data = shared_data(args.data)
     folder = data / "cifar10" if data else None
@@ -191,9 +259,11 @@ def main() -> None:
 
     with precision(args.precision):  # auto: bfloat16 where the CPU has AMX, as dlcli's default
         model = build(args, x)
-    total = args.epochs * -(-len(x) // args.batch_size)
-    model.compile(keras.optimizers.SGD(OneCycle(args.lr, total, args.warmup), momentum=0.9, nesterov=True,
-                                       weight_decay=args.weight_decay),
+    steps = -(-len(x) // args.batch_size)
+    total = args.epochs * steps
+    rate = OneCycle(args.lr, total, args.warmup) if args.schedule == "one-cycle" else Triangle(args.lr, total)
+    callbacks = [Lookahead(total, int(args.lookahead * steps))] if args.lookahead else []
+    model.compile(keras.optimizers.SGD(rate, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay),
                   keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing), metrics=["accuracy"])
     if args.speed:
         return time_steps(model, x, y, args)
@@ -202,7 +272,8 @@ def main() -> None:
     for epoch in range(args.epochs):
         ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed * 1000 + epoch)
         ds = ds.batch(args.batch_size).map(lambda a, b: (cnn.scale(a), tf.one_hot(b, 10)), num_parallel_calls=tf.data.AUTOTUNE)
-        history = model.fit(ds.prefetch(tf.data.AUTOTUNE), initial_epoch=epoch, epochs=epoch + 1, verbose=0)
+        history = model.fit(ds.prefetch(tf.data.AUTOTUNE), initial_epoch=epoch, epochs=epoch + 1, verbose=0,
+                            callbacks=callbacks)
         print(json.dumps({"epoch": epoch + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
                           "train_accuracy": round(history.history["accuracy"][-1], 4),
                           "test_accuracy": accuracy(model, [test], y_test)}), flush=True)

@@ -35,7 +35,8 @@ from dlcli.engine import training  # noqa: E402
 from dlcli.runs.run import Run  # noqa: E402
 from dlcli.tasks import Context, cnn  # noqa: E402
 
-RECIPES = {"default": {"batch_size": 128, "lr": 0.1}, "course": {"batch_size": 32, "lr": 5e-3}}
+RECIPES = {"default": {"batch_size": cnn.DEFAULTS["batch_size"], "lr": cnn.DEFAULTS["lr"]},
+           "course": {"batch_size": 32, "lr": 5e-3}}
 
 
 class EpochClock:

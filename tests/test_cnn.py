@@ -152,15 +152,51 @@ def test_the_shifted_tta_views_move_the_image_a_pixel_each_way_with_reflected_ed
     assert len(cnn.tta_views(x, {"tta": False, "tta_shift": 1})) == 1
 
 
-def test_one_cycle_rises_then_falls_and_course_decays():
-    cfg = {**cnn.DEFAULTS, "epochs": 10, "lr": 0.1}
-    rates = [cnn.one_cycle(cfg, e) for e in range(10)]
+def test_rate_rises_then_falls_with_the_step_count_and_course_decays():
+    import keras
+
+    cfg = {**cnn.DEFAULTS, "epochs": 10, "lr": 1.5}
+    rates = [cnn.triangle(cfg, t) for t in np.linspace(0, 1, 101)]
     peak = int(np.argmax(rates))
-    assert rates[peak] == pytest.approx(0.1) and 0 < peak < 9
-    assert rates[0] < rates[peak] and rates[-1] == pytest.approx(0.001)
-    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:]))
+    assert rates[peak] == pytest.approx(1.5) and peak == 23
+    assert rates[0] == pytest.approx(0.3) and rates[-1] == pytest.approx(0)
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))
+    assert cnn.triangle({**cfg, "lr_end": 0.07}, 1.0) == pytest.approx(1.5 * 0.07)  # airbench's end
+
+    # The callback sets the rate from the optimizer's step count (what a checkpoint keeps).
+    model = cnn.build_model({**cfg, "width": 8, "precision": "float32"})
+    callback = cnn.schedule(cfg, steps_per_epoch=4)
+    callback.set_model(model)
+    model.optimizer.iterations.assign(20)  # half way: 20 of 10 x 4 steps
+    callback.on_train_batch_begin(0)
+    assert float(model.optimizer.learning_rate) == pytest.approx(cnn.triangle(cfg, 0.5))
     course = cnn.schedule({**cfg, "model": "course", "lr": 5e-3})
+    assert isinstance(course, keras.callbacks.LearningRateScheduler)
     assert course.schedule(2) == pytest.approx(5e-3 * 0.81)
+
+
+def test_default_model_starts_each_block_as_the_identity_with_fast_biases(tmp_path):
+    from dlcli.engine import training
+
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 6)).astype(np.float32)
+    start = cnn.identity_start(kernel)
+    x = np.random.default_rng(1).normal(size=(1, 5, 5, 4)).astype(np.float32)
+    import tensorflow as tf
+
+    out = tf.nn.conv2d(x, start, 1, "SAME").numpy()
+    np.testing.assert_allclose(out[..., :4], x, atol=1e-6)  # the first four filters pass their channel on
+    np.testing.assert_array_equal(start[..., 4:], kernel[..., 4:])  # the rest keep their random start
+
+    model = cnn.build_model({**cnn.DEFAULTS, "width": 8, "precision": "float32"})
+    biases = [layer for layer in model.layers if type(layer).__name__ == "ScaledBias"]
+    assert len(biases) == 6 and all(layer.factor == 8 for layer in biases)
+    biases[0].b.assign(np.full(8, 0.5, np.float32))
+    model.save(tmp_path / "m.keras")
+    loaded = training.load_model(tmp_path / "m.keras", "cnn")  # the custom layer loads
+    images = np.random.default_rng(2).uniform(-0.5, 0.5, (3, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    assert not model.get_layer("class").use_bias
 
 
 def test_to_input_resizes_any_image_and_scales_like_the_course():

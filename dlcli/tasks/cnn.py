@@ -10,9 +10,11 @@ course. Two models:
   frozen 2x2 convolution that whitens the image's patches, then three blocks that each
   convolve, max-pool and convolve again at the lower resolution, so most of the depth runs
   on small maps where it costs little on a CPU. Random flips and whole-pixel shifts are
-  Keras layers inside the model (they act only in training); label smoothing, SGD with
-  Nesterov momentum and weight decay, a one-cycle learning rate per epoch, and bfloat16
-  arithmetic where the CPU has it (`precision`). A prediction averages those of the image,
+  Keras layers inside the model (they act only in training); label smoothing, and
+  airbench's optimisation: batches of 1,024, SGD with Nesterov momentum at a high rate
+  that rises and falls every step, batch norm without a learnt scale and with a fast
+  shift, identity-initialised convolutions, scaled-down logits; bfloat16 arithmetic where
+  the CPU has it (`precision`). A prediction averages those of the image,
   its mirror image and both shifted a pixel each way (`tta`, `tta_shift`).
 
 The run keeps `classes.json`, so `predict` names classes of any image folder.
@@ -31,6 +33,7 @@ from dlcli.engine import training
 from dlcli.inference.inputs import stream_through
 from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
+from dlcli.engine.layers import register as layer_classes
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_json
 from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, Predictor, TaskSpec, View, common_defaults
@@ -41,17 +44,19 @@ tfds = lazy_import("tensorflow_datasets")
 
 SIZE = 32
 DEFAULTS = {
-    **common_defaults(dataset="cifar10", epochs=20, batch_size=128, lr=0.1),
+    **common_defaults(dataset="cifar10", epochs=32, batch_size=1024, lr=1.5),
     **training.keras_defaults(),
     "model": "default",
-    "width": 80,  # filters of the default model's first block; 2x and 4x in the other two
+    "width": 48,  # filters of the default model's first block; 2x and 4x in the other two
     "shift": 2,  # default model: random shifts of up to this many pixels in training
     "label_smoothing": 0.2,  # default model: the share of each target spread over the classes
     "precision": "auto",  # auto: mixed_bfloat16 where the CPU runs it faster (precision.bfloat16_pays), else float32
     "tta": True,  # test-time augmentation: average each image's prediction with its mirror image's
     "tta_shift": 1,  # with tta, also both images shifted this many pixels down-right and up-left (0: mirror only)
-    "weight_decay": 5e-3,  # default model only (SGD, decoupled: each step takes lr x weight_decay of each weight)
-    "warmup": 0.2,  # default model: share of the epochs the one-cycle rate climbs
+    "weight_decay": 0.0089,  # default model only (SGD, decoupled: each step takes lr x weight_decay of each weight)
+    "momentum": 0.85,  # default model: SGD's Nesterov momentum
+    "warmup": 0.23,  # default model: share of the steps the rate climbs
+    "lr_end": 0.0,  # default model: the rate at the last step, as a share of lr
     "ema": 0.0,  # default model: decay of the weights' moving average, written into the model at each epoch's end (0: none)
     "lr_decay": 0.9,  # course model: learning rate x lr_decay each epoch
     "val_size": 2000,  # training images held out (seeded) for validation
@@ -193,11 +198,20 @@ def default_model(n_classes: int = 10, width: int = 80, shift: int = 2):
     training images by `build_model` (`whitening_kernel`); its 'valid' convolution leaves 31x31 maps, so the
     blocks run at 31, 15 and 7 pixels. No dropout: with augmentation, label smoothing and
     weight decay the network under-fits rather than over-fits in the epochs a CPU affords.
+
+    What lets it train at airbench's high rate: batch norm has no learnt scale (each
+    convolution before it is then scale-free, its rate set by weight decay), its shift
+    learns `BIAS_SPEED` times as fast as the weights, its statistics follow the last few
+    batches (momentum 0.6); each block's convolutions start as the identity on their
+    first input channels; the pooled features reach the bias-free classifier scaled by
+    `LOGIT_SCALE`, which keeps the logits small early on.
     """
     layers = keras.layers
+    scaled_bias = layer_classes()["ScaledBias"]
 
     def bn_relu(x):
-        return layers.ReLU()(layers.BatchNormalization(momentum=0.9)(x))
+        x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, center=False, scale=False)(x)
+        return layers.ReLU()(scaled_bias(math.sqrt(BIAS_SPEED))(x))
 
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     x = layers.RandomFlip("horizontal", name="flip", dtype="float32")(inputs)  # image ops stay float32
@@ -205,13 +219,32 @@ def default_model(n_classes: int = 10, width: int = 80, shift: int = 2):
         x = layers.RandomTranslation(shift / SIZE, shift / SIZE, fill_mode="reflect", interpolation="nearest",
                                      name="shift", dtype="float32")(x)
     x = layers.ReLU()(layers.Conv2D(2 * WHITENING_PATCH_VALUES, 2, use_bias=False, trainable=False, name="stem")(x))
+    convs = []
     for filters in block_widths(width):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = bn_relu(layers.MaxPooling2D()(x))
-        x = bn_relu(layers.Conv2D(filters, 3, padding="same", use_bias=False)(x))
-    x = layers.GlobalMaxPooling2D()(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="class", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="cnn_default")
+        convs += [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.Conv2D(filters, 3, padding="same", use_bias=False)]
+        x = bn_relu(layers.MaxPooling2D()(convs[-2](x)))
+        x = bn_relu(convs[-1](x))
+    x = layers.Rescaling(LOGIT_SCALE, name="logit_scale")(layers.GlobalMaxPooling2D()(x))
+    outputs = layers.Dense(n_classes, activation="softmax", use_bias=False, name="class", dtype="float32")(x)
+    model = keras.Model(inputs, outputs, name="cnn_default")
+    for conv in convs:
+        conv.kernel.assign(identity_start(conv.kernel.numpy()))
+    return model
+
+
+BIAS_SPEED = 64  # default model: batch norm's shift learns this many times as fast as the weights
+LOGIT_SCALE = 1 / 9  # default model: the pooled features' scale into the classifier
+
+
+def identity_start(kernel: np.ndarray) -> np.ndarray:
+    """A 3x3 kernel whose first in-channels filters pass their own channel through (a Dirac
+    centre), the others as drawn: each block starts close to the identity, an implicit
+    residual connection (airbench)."""
+    kernel = kernel.copy()
+    n = min(kernel.shape[2], kernel.shape[3])
+    kernel[:, :, :, :n] = 0
+    kernel[1, 1, np.arange(n), np.arange(n)] = 1
+    return kernel
 
 
 def block_widths(width: int) -> tuple[int, int, int]:
@@ -256,7 +289,8 @@ def build_model(cfg: dict, n_classes: int = 10, images: np.ndarray | None = None
         model.get_layer("stem").kernel.assign(whitening_kernel(images))
     if default:
         ema = {"use_ema": True, "ema_momentum": cfg["ema"]} if cfg["ema"] > 0 else {}  # Keras's fit ends by writing it in
-        optimizer = keras.optimizers.SGD(cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"], **ema)
+        optimizer = keras.optimizers.SGD(triangle(cfg, 0.0), momentum=cfg["momentum"], nesterov=True,
+                                         weight_decay=cfg["weight_decay"], **ema)
         smoothing = cfg["label_smoothing"]
     else:
         optimizer, smoothing = keras.optimizers.Adamax(cfg["lr"]), 0.0
@@ -265,23 +299,31 @@ def build_model(cfg: dict, n_classes: int = 10, images: np.ndarray | None = None
     return model
 
 
-def one_cycle(cfg: dict, epoch: int) -> float:
-    """The default recipe's rate of an epoch: linear from lr/10 to lr over the first
-    `warmup` share of the epochs, then a cosine down to lr/100 at the last epoch."""
-    lr, epochs = cfg["lr"], cfg["epochs"]
-    rise = max(1, round(cfg["warmup"] * epochs))
-    if epoch < rise:
-        return lr * (0.1 + 0.9 * epoch / rise)
-    fall = max(1, epochs - 1 - rise)
-    t = min(1.0, (epoch - rise) / fall)
-    return lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+def triangle(cfg: dict, progress: float) -> float:
+    """The default recipe's rate at `progress` (0 to 1) through training: linear from
+    0.2 x lr to lr over the first `warmup` share of the steps, then linear down to
+    `lr_end` x lr at the last step (airbench's shape; airbench ends at 0.07 and averages
+    the weights, where this recipe ends at 0 and keeps the weights as they are)."""
+    lr, warmup, end = cfg["lr"], cfg["warmup"], cfg["lr_end"]
+    if progress < warmup:
+        return lr * (0.2 + 0.8 * progress / warmup)
+    return lr * (1 - (1 - end) * min(1.0, (progress - warmup) / (1 - warmup)))
 
 
-def schedule(cfg: dict):
-    """The learning-rate callback of the model's recipe (a function of the epoch: resume-safe)."""
+def schedule(cfg: dict, steps_per_epoch: int = 1):
+    """The learning-rate callback of the model's recipe. The default model's rate moves
+    every step, as a function of the optimizer's step count (saved in every checkpoint, so
+    a resumed run takes the rates of an uninterrupted one); the course's every epoch."""
     if cfg["model"] == "course":
         return training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])
-    return keras.callbacks.LearningRateScheduler(lambda epoch: one_cycle(cfg, epoch))
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+
+    class StepRate(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            optimizer = self.model.optimizer
+            optimizer.learning_rate.assign(triangle(cfg, int(optimizer.iterations.numpy()) / total))
+
+    return StepRate()
 
 
 # -- train / evaluate ---------------------------------------------------------------------
@@ -300,13 +342,14 @@ def train(ctx: Context) -> dict:
     def train_data(epoch):
         return batches(train_examples, cfg["batch_size"], len(classes), training.epoch_seed(cfg["seed"], epoch), shuffle=True)
 
+    steps_per_epoch = -(-len(x_train) // cfg["batch_size"])
     model, history = training.fit(
         ctx,
         build_model=lambda: build_model(cfg, len(classes), x_train),
         train_data=train_data,
         val_data=batches(examples(*val), 512, len(classes)) if val else None,
-        steps_per_epoch=-(-len(x_train) // cfg["batch_size"]),
-        callbacks=[schedule(cfg)],
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[schedule(cfg, steps_per_epoch)],
     )
     x_test, y_test, _ = load_split(cfg, "test")
     final = history[-1]
@@ -522,8 +565,9 @@ def view_stimuli(ctx: Context) -> Path:
     head = model.layers[-1]
     penultimate = keras.Model(model.inputs, head.input)
     for c, name in enumerate(classes):
+        bias = head.bias[c] if head.use_bias else 0.0
         image = gradient_ascent(
-            lambda img: tf.reduce_mean(tf.matmul(penultimate(img, training=False), head.kernel[:, c:c + 1]) + head.bias[c]),
+            lambda img: tf.reduce_mean(tf.matmul(penultimate(img, training=False), head.kernel[:, c:c + 1]) + bias),
             ctx.options["class_steps"], 0.1, 0.001, seed)
         tiles.append(for_display(image))
         titles.append(f"class {name}")
@@ -577,8 +621,10 @@ KEY_HELP = {
     "width": "filters of the default model's first block (the blocks have 1x, 2x, 4x)",
     "shift": "the default model's random shifts in training, in whole pixels (0: flips only)",
     "label_smoothing": "the default model's share of each target spread over the classes (0: none)",
-    "weight_decay": "weight decay of the default model's SGD",
-    "warmup": "the share of the epochs over which the default model's rate rises to --lr",
+    "weight_decay": "weight decay of the default model's SGD (decoupled: each step takes lr x this of each weight)",
+    "momentum": "the Nesterov momentum of the default model's SGD",
+    "warmup": "the share of the steps over which the default model's rate rises to --lr",
+    "lr_end": "the default model's rate at the last step, as a share of --lr (it falls there linearly)",
     "ema": "decay of the moving average of the default model's weights, which replaces the weights at each "
            "epoch's end (0: none)",
     "tta_shift": "with tta, also average the predictions of the image and its mirror shifted this many pixels "
