@@ -5,8 +5,10 @@ by one (the stem, the augmentation, the block widths, label smoothing, the rate 
 decay), so that what each buys is measured on the same data, split and seed. It trains on
 48,000 training images (2,000 held out by `--seed`, as dlcli holds them out), prints the
 plain test accuracy after every epoch (the curve) and, at the end, the test accuracy
-without and with test-time augmentation (mirror; mirror and 1-pixel shifts). The learning
-rate rises and falls every step (dlcli's one-cycle moves it every epoch). Not a test.
+without and with test-time augmentation (mirror; mirror and 1-pixel shifts). Its defaults
+are the batch-128 recipe (a one-cycle rate that moves every step); `--airbench` switches to
+airbench's optimisation, which `dlcli train cnn` uses, plus the lookahead average of the
+weights, which dlcli does without. Not a test.
 The data is the CIFAR-10 folder under `--data DIR` or `$DLCLI_SHARED_DATA` (the shared
 data sets).
 
@@ -15,7 +17,8 @@ data sets).
     python benchmarks/cnn_recipes.py --epochs 15 --lr 0.05 --weight-decay 5e-4
     python benchmarks/cnn_recipes.py --widths 64,256,256 --epochs 10 --lr 0.05 --weight-decay 5e-4
     python benchmarks/cnn_recipes.py --stem conv3 --speed 30                  # the cost of a step
-    python benchmarks/cnn_recipes.py --epochs 10 --bn-scale fixed --bias-lr 64 --dirac   # airbench's optimisation
+    python benchmarks/cnn_recipes.py --epochs 10 --bn-scale fixed --bias-lr 64 --dirac   # three of airbench's ingredients
+    python benchmarks/cnn_recipes.py --epochs 10 --airbench                   # all of them
 """
 
 from __future__ import annotations
@@ -243,7 +246,7 @@ def main() -> None:
         airbench = dict(batch_size=1024, lr=1.5, momentum=0.85, schedule="triangle", weight_decay=0.0089,
                         bn_scale="fixed", bias_lr=64, bn_momentum=0.6, bn_epsilon=1e-5, dirac=True,
                         logit_scale=1 / 9, lookahead=3)
-        for key, value in airbench.items():  # options given on the command line win
+        for key, value in airbench.items():  # an option set to other than its default wins
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
 

@@ -294,3 +294,59 @@ def test_course_model_learns_real_cifar10(cli):
     out = cli.json("train", "cnn", "--dataset", f"folder:{shared_data('cifar10')}", "--model", "course",
                    "--epochs", "1", "--batch-size", "32", "--lr", "5e-3")
     assert out["metrics"]["test_accuracy"] > 0.45
+
+
+def _lookahead_model(seed: int = 0):
+    import keras
+
+    from dlcli.engine import custom_objects
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")], name="cnn_tiny")
+    optimizer = custom_objects.register()["LookaheadSGD"](0.1, momentum=0.85, nesterov=True, start_epochs=1)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+def _train_steps(model, x, y, first: int, last: int, per_epoch: int, total: int):
+    """Steps first..last-1 of a run of `total` steps, one batch each, as fit would run them."""
+    import keras
+
+    class Plan(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.model.optimizer.plan(total, per_epoch)
+
+    for step in range(first, last):
+        model.fit(x[step:step + 1], y[step:step + 1], epochs=1, verbose=0, callbacks=[Plan()])
+
+
+def test_lookahead_sgd_averages_the_weights_and_keeps_the_average_in_its_checkpoint(tmp_path):
+    from dlcli.engine import training
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype("float32"), rng.normal(size=(40, 3)).astype("float32")
+    straight = _lookahead_model()
+    _train_steps(straight, x, y, 0, 10, per_epoch=10, total=40)  # epoch 1: no average yet
+    optimizer = straight.optimizer
+    kernel = straight.get_layer("dense").kernel
+    np.testing.assert_array_equal(np.asarray(optimizer.averages[0]), np.asarray(kernel))  # it follows the weights
+    _train_steps(straight, x, y, 10, 20, per_epoch=10, total=40)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(optimizer.averages[0]))  # an epoch's end takes it
+
+    import keras
+
+    plain = _lookahead_model()  # the same start and steps with plain SGD end elsewhere
+    plain.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.85, nesterov=True), loss="mse")
+    for step in range(20):
+        plain.fit(x[step:step + 1], y[step:step + 1], epochs=1, verbose=0)
+    assert not np.allclose(np.asarray(plain.get_layer("dense").kernel), np.asarray(kernel), atol=1e-4)
+
+    # Stopped mid-epoch at step 25, saved, loaded, resumed: the same weights as straight through.
+    _train_steps(straight, x, y, 20, 30, per_epoch=10, total=40)
+    resumed = _lookahead_model()
+    _train_steps(resumed, x, y, 0, 25, per_epoch=10, total=40)
+    resumed.save(tmp_path / "m.keras")
+    resumed = training.load_model(tmp_path / "m.keras", "cnn")
+    assert type(resumed.optimizer).__name__ == "LookaheadSGD"
+    _train_steps(resumed, x, y, 25, 30, per_epoch=10, total=40)
+    np.testing.assert_allclose(np.asarray(resumed.get_layer("dense").kernel), np.asarray(kernel), atol=1e-6)

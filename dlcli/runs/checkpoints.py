@@ -17,7 +17,7 @@ from typing import Callable
 from dlcli.errors import RunError, UsageError
 from dlcli.data.files import NotRegularFile, check_regular
 from dlcli.runs.files import Snapshot
-from dlcli.engine import layers
+from dlcli.engine import custom_objects
 from dlcli.engine.interrupts import Interrupted
 from dlcli.engine.lazy import lazy_import
 
@@ -50,7 +50,7 @@ def load_model(path: Path, task: str | None = None, compile: bool = True):
     name = str(inner.get("name", ""))
     if task and not name.startswith(f"{task}_"):
         raise UsageError(f"checkpoint {path} holds model {name!r}, not a {task} model")
-    layers.register()  # dlcli's own layers, which a model file may hold
+    custom_objects.register()  # dlcli's own layers and optimizer, which a model file may hold
     try:
         return keras.models.load_model(path, safe_mode=True, compile=compile)
     except Exception as exc:

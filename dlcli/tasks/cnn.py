@@ -33,7 +33,7 @@ from dlcli.engine import training
 from dlcli.inference.inputs import stream_through
 from dlcli.errors import UsageError
 from dlcli.data.images import ranked_rows, read_image
-from dlcli.engine.layers import register as layer_classes
+from dlcli.engine.custom_objects import register as custom_objects
 from dlcli.engine.lazy import lazy_import
 from dlcli.runs.files import atomic_write_json
 from dlcli.tasks import Context, DataRules, ExportSpec, FileInputs, Option, Predictor, TaskSpec, View, common_defaults
@@ -57,6 +57,7 @@ DEFAULTS = {
     "momentum": 0.85,  # default model: SGD's Nesterov momentum
     "warmup": 0.23,  # default model: share of the steps the rate climbs
     "lr_end": 0.0,  # default model: the rate at the last step, as a share of lr
+    "lookahead": 3,  # default model: epochs before the weights' lookahead average starts (0: no average)
     "ema": 0.0,  # default model: decay of the weights' moving average, written into the model at each epoch's end (0: none)
     "lr_decay": 0.9,  # course model: learning rate x lr_decay each epoch
     "val_size": 2000,  # training images held out (seeded) for validation
@@ -207,7 +208,7 @@ def default_model(n_classes: int = 10, width: int = 80, shift: int = 2):
     `LOGIT_SCALE`, which keeps the logits small early on.
     """
     layers = keras.layers
-    scaled_bias = layer_classes()["ScaledBias"]
+    scaled_bias = custom_objects()["ScaledBias"]
 
     def bn_relu(x):
         x = layers.BatchNormalization(momentum=0.6, epsilon=1e-5, center=False, scale=False)(x)
@@ -289,8 +290,11 @@ def build_model(cfg: dict, n_classes: int = 10, images: np.ndarray | None = None
         model.get_layer("stem").kernel.assign(whitening_kernel(images))
     if default:
         ema = {"use_ema": True, "ema_momentum": cfg["ema"]} if cfg["ema"] > 0 else {}  # Keras's fit ends by writing it in
-        optimizer = keras.optimizers.SGD(triangle(cfg, 0.0), momentum=cfg["momentum"], nesterov=True,
-                                         weight_decay=cfg["weight_decay"], **ema)
+        sgd, lookahead = keras.optimizers.SGD, {}
+        if cfg["lookahead"] > 0:
+            sgd, lookahead = custom_objects()["LookaheadSGD"], {"start_epochs": cfg["lookahead"]}
+        optimizer = sgd(triangle(cfg, 0.0), momentum=cfg["momentum"], nesterov=True, weight_decay=cfg["weight_decay"],
+                        **ema, **lookahead)
         smoothing = cfg["label_smoothing"]
     else:
         optimizer, smoothing = keras.optimizers.Adamax(cfg["lr"]), 0.0
@@ -319,6 +323,10 @@ def schedule(cfg: dict, steps_per_epoch: int = 1):
     total = max(1, cfg["epochs"] * steps_per_epoch)
 
     class StepRate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if hasattr(self.model.optimizer, "plan"):  # the lookahead average's run length
+                self.model.optimizer.plan(total, steps_per_epoch)
+
         def on_train_batch_begin(self, batch, logs=None):
             optimizer = self.model.optimizer
             optimizer.learning_rate.assign(triangle(cfg, int(optimizer.iterations.numpy()) / total))
@@ -625,6 +633,8 @@ KEY_HELP = {
     "momentum": "the Nesterov momentum of the default model's SGD",
     "warmup": "the share of the steps over which the default model's rate rises to --lr",
     "lr_end": "the default model's rate at the last step, as a share of --lr (it falls there linearly)",
+    "lookahead": "epochs before the default model's weights start to move to their average every 5 steps, "
+                 "the average weighing more as training ends (airbench's lookahead; 0: none)",
     "ema": "decay of the moving average of the default model's weights, which replaces the weights at each "
            "epoch's end (0: none)",
     "tta_shift": "with tta, also average the predictions of the image and its mirror shifted this many pixels "
