@@ -27,8 +27,8 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
     python benchmarks/engine_costs.py precision
         What `precision: auto` decides: in one process, float32 against mixed_bfloat16,
         alternating, on random data of the real shapes: gan training steps (faces/s) and cnn's
-        default model, training and predict (examples/s). Prints whether the CPU has AMX and
-        what `auto` picks.
+        default model (`--width W` for another width), training and predict (examples/s).
+        Prints whether the CPU has AMX and what `auto` picks.
     python benchmarks/engine_costs.py save
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
         mnist models, as `Run.save_backup` writes them after every epoch.
@@ -308,7 +308,7 @@ def precision(args) -> None:
     for name in policies:  # build, trace and warm up each side once
         gans[name] = gan.new_gan({**gan_cfg, "precision": name})
         gans[name].fit(faces_ds, shuffle=False, verbose=0)
-        cnns[name] = cnn.build_model({**cnn.DEFAULTS, "precision": name})
+        cnns[name] = cnn.build_model({**cnn.DEFAULTS, "width": args.width or cnn.DEFAULTS["width"], "precision": name})
         cnns[name].compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         cnns[name].fit(images, labels, batch_size=128, verbose=0)
         cnns[name].predict(images, batch_size=256, verbose=0)
@@ -508,6 +508,7 @@ def main() -> None:
                    help="phases: the suite's benchmark data (small) or the full data sets (realistic)")
     p.add_argument("--data", help="folder of the real data sets (default: $DLCLI_SHARED_DATA)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
+    p.add_argument("--width", type=int, help="precision: the width of cnn's default model (default: the task's)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per process or block (default 4)")
     args = p.parse_args()
     {"determinism": determinism, "cross-entropy": cross_entropy, "loop": loop, "autotune": autotune, "precision": precision, "save": save,

@@ -13,8 +13,8 @@ course. Two models:
   Keras layers inside the model (they act only in training); label smoothing, and
   airbench's optimisation: batches of 1,024, SGD with Nesterov momentum at a high rate
   that rises and falls every step, batch norm without a learnt scale and with a fast
-  shift, identity-initialised convolutions, scaled-down logits; bfloat16 arithmetic where
-  the CPU has it (`precision`). A prediction averages those of the image,
+  shift, identity-initialised convolutions, scaled-down logits, a lookahead average of the
+  weights; bfloat16 arithmetic where the CPU has it (`precision`). A prediction averages those of the image,
   its mirror image and both shifted a pixel each way (`tta`, `tta_shift`).
 
 The run keeps `classes.json`, so `predict` names classes of any image folder.
