@@ -311,7 +311,7 @@ def triangle(cfg: dict, progress: float) -> float:
     lr, warmup, end = cfg["lr"], cfg["warmup"], cfg["lr_end"]
     if progress < warmup:
         return lr * (0.2 + 0.8 * progress / warmup)
-    return lr * (1 - (1 - end) * min(1.0, (progress - warmup) / (1 - warmup)))
+    return lr * (1 - (1 - end) * min(1.0, (progress - warmup) / max(1 - warmup, 1e-9)))
 
 
 def schedule(cfg: dict, steps_per_epoch: int = 1):
