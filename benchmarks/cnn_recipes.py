@@ -7,8 +7,9 @@ decay), so that what each buys is measured on the same data, split and seed. It 
 plain test accuracy after every epoch (the curve) and, at the end, the test accuracy
 without and with test-time augmentation (mirror; mirror and 1-pixel shifts). Its defaults
 are the batch-128 recipe (a one-cycle rate that moves every step); `--airbench` switches to
-airbench's optimisation, which `dlcli train cnn` uses, plus the lookahead average of the
-weights, which dlcli does without. Not a test.
+airbench's optimisation, as `dlcli train cnn` has it except that the rate ends at 0.07 x lr
+and the lookahead average (a callback here) also averages batch norm's statistics. Not a
+test.
 The data is the CIFAR-10 folder under `--data DIR` or `$DLCLI_SHARED_DATA` (the shared
 data sets).
 
@@ -43,6 +44,7 @@ import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
 from benchmarks.common import shared_data  # noqa: E402
+from dlcli.engine import custom_objects  # noqa: E402
 from dlcli.engine.precision import precision  # noqa: E402
 from dlcli.tasks import cnn  # noqa: E402
 
@@ -69,31 +71,6 @@ class RandomCrop(layers.Layer):
         return x
 
 
-class ScaledBias(layers.Layer):
-    """x + factor * b, b learnt from 0: SGD then moves the bias factor**2 times as fast as a
-    plain one (airbench's faster rate for batch norm's biases), its decay unchanged."""
-
-    def __init__(self, factor: float, **kwargs):
-        super().__init__(**kwargs)
-        self.factor = factor
-
-    def build(self, shape):
-        self.b = self.add_weight(shape=(shape[-1],), initializer="zeros", name="b")
-
-    def call(self, x):
-        return x + self.factor * self.b
-
-
-def dirac_init(conv) -> None:
-    """The first in-channels filters of a 3x3 convolution pass their channel through
-    (identity), the rest keep their random start (airbench's dirac initialisation)."""
-    kernel = conv.kernel.numpy()
-    c_in = kernel.shape[2]
-    kernel[:, :, :, :c_in] = 0
-    kernel[1, 1, np.arange(c_in), np.arange(c_in)] = 1
-    conv.kernel.assign(kernel)
-
-
 def build(args, images):
     activation = layers.ReLU if args.activation == "relu" else lambda: layers.Activation("gelu")
 
@@ -103,7 +80,7 @@ def build(args, images):
         x = layers.BatchNormalization(momentum=args.bn_momentum, epsilon=args.bn_epsilon, center=args.bias_lr == 1,
                                       scale=args.bn_scale == "learnt")(x)
         if args.bias_lr != 1:
-            x = ScaledBias(math.sqrt(args.bias_lr))(x)
+            x = custom_objects.register()["ScaledBias"](math.sqrt(args.bias_lr))(x)
         return activation()(x)
 
     inputs = keras.Input((cnn.SIZE, cnn.SIZE, 3))
@@ -130,9 +107,9 @@ def build(args, images):
         logits = layers.Dense(10, use_bias=False, dtype="float32")(x)
         outputs = layers.Softmax(dtype="float32")(layers.Rescaling(args.logit_scale, dtype="float32")(logits))
     model = keras.Model(inputs, outputs)
-    if args.dirac:
+    if args.dirac:  # each conv starts as the identity on its first input channels
         for conv in convs:
-            dirac_init(conv)
+            conv.kernel.assign(cnn.identity_start(conv.kernel.numpy()))
     return model
 
 

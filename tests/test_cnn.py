@@ -169,8 +169,11 @@ def test_rate_rises_then_falls_with_the_step_count_and_course_decays():
     callback = cnn.schedule(cfg, steps_per_epoch=4)
     callback.set_model(model)
     model.optimizer.iterations.assign(20)  # half way: 20 of 10 x 4 steps
+    callback.on_train_begin()
     callback.on_train_batch_begin(0)
     assert float(model.optimizer.learning_rate) == pytest.approx(cnn.triangle(cfg, 0.5))
+    callback.on_train_batch_begin(1)  # the next step's rate
+    assert float(model.optimizer.learning_rate) == pytest.approx(cnn.triangle(cfg, 21 / 40))
     course = cnn.schedule({**cfg, "model": "course", "lr": 5e-3})
     assert isinstance(course, keras.callbacks.LearningRateScheduler)
     assert course.schedule(2) == pytest.approx(5e-3 * 0.81)

@@ -29,14 +29,21 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
+def _flags(info: dict[str, str]) -> set[str]:
+    return set(info.get("flags", "").split())
+
+
 def cpu_flags() -> set[str]:
     """The x86 CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    return set(_cpuinfo().get("flags", "").split())
+    return _flags(_cpuinfo())
+
+
+AMX_FLAG = "amx_bf16"  # AMX tiles for bfloat16
 
 
 def cpu_has_amx() -> bool:
     """Whether this x86 CPU has AMX tiles for bfloat16."""
-    return "amx_bf16" in cpu_flags()
+    return AMX_FLAG in cpu_flags()
 
 
 def bfloat16_pays() -> bool:
@@ -52,8 +59,8 @@ def bfloat16_pays() -> bool:
       against 1,547-2,196.
     """
     info = _cpuinfo()  # one read of /proc/cpuinfo for the flags and the vendor
-    flags = set(info.get("flags", "").split())
-    return "amx_bf16" in flags or ("avx512_bf16" in flags and info.get("vendor_id") == "AuthenticAMD")
+    flags = _flags(info)
+    return AMX_FLAG in flags or ("avx512_bf16" in flags and info.get("vendor_id") == "AuthenticAMD")
 
 
 @contextlib.contextmanager

@@ -324,12 +324,16 @@ def schedule(cfg: dict, steps_per_epoch: int = 1):
 
     class StepRate(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            if hasattr(self.model.optimizer, "plan"):  # the lookahead average's run length
-                self.model.optimizer.plan(total, steps_per_epoch)
+            optimizer = self.model.optimizer
+            if hasattr(optimizer, "plan"):  # the lookahead average's run length
+                optimizer.plan(total, steps_per_epoch)
+            # Read once a fit call and counted on: reading it every step would make the
+            # host wait for each step to finish before it queues the next.
+            self.step = int(optimizer.iterations.numpy())
 
         def on_train_batch_begin(self, batch, logs=None):
-            optimizer = self.model.optimizer
-            optimizer.learning_rate.assign(triangle(cfg, int(optimizer.iterations.numpy()) / total))
+            self.model.optimizer.learning_rate.assign(triangle(cfg, self.step / total))
+            self.step += 1
 
     return StepRate()
 
