@@ -15,7 +15,7 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         determinism, a model each, an epoch each in turn: seconds per epoch.
     python benchmarks/engine_costs.py loop --data DIR
         In one process, blocks of mnist epochs: plain `model.fit` on the arrays against the
-        engine's loop (a `fit` per epoch on `array_epochs`, reseeding, the step watcher,
+        engine's loop (one `fit` on the epochs' `array_epochs` data sets, reseeding, the step watcher,
         TensorBoard, the rate schedule; no checkpoint): seconds per epoch each.
     python benchmarks/engine_costs.py autotune --data DIR
         In one process, a `model.fit` per mnist epoch on `array_epochs` data with tf.data's
@@ -35,11 +35,11 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
     python benchmarks/engine_costs.py phases --task TASK --data DIR
         One `dlcli train TASK` in this process on the suite's benchmark data (`run.py`'s
         `train_specs`; `--size realistic` for the full data sets), each phase of every epoch
-        timed: `model.fit`'s set-up before its first callback, the training steps, the
-        validation pass, each callback's epoch end (the step watcher, TensorBoard, the tasks'
-        `after_each_epoch` extras), `fit`'s tear-down, then taking the checkpoint (`BackupWriter.save`),
-        the epoch's line and the engine's loop between `fit` calls, and the seconds each checkpoint
-        and its history.csv took to write in the writer's thread.
+        timed: the training steps, the validation pass, each callback's epoch end (the step
+        watcher, TensorBoard, the tasks' `after_each_epoch` extras, the engine's checkpoint:
+        taking it, `BackupWriter.save`, and the epoch's line), the time until the next epoch
+        begins, and the seconds each checkpoint and its history.csv took to write in the
+        writer's thread; also the `model.fit` calls and the task's `train_data(epoch)` calls.
 
 DIR is the folder of real data sets (its `mnist/mnist.npz` and `names/course_names.txt`), or
 $DLCLI_SHARED_DATA. Not part of `run.py` (each check takes minutes and answers one question);
@@ -195,19 +195,19 @@ def loop(args) -> None:
         seconds += _epoch_seconds(workers.plain_fit(model, (xt, yt), (xv, yv), batch, epochs))
 
     def engine(model, seconds, first_epoch):
-        for epoch in range(first_epoch, first_epoch + epochs):
-            t = time.perf_counter()
-            training.reseed_model(model, cfg["seed"], epoch)
-            quiet = Quiet()
-            callbacks = keras_workarounds.step_callbacks_class()(
-                [training.step_watcher_class()(quiet, steps, quiet, lambda *a: None),
-                 keras_workarounds.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
-                 training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])],
-                model=model, verbose=0, epochs=epoch + 1, steps=steps)
-            model.fit(training.without_autotune_thread(train_data(epoch)),
-                      validation_data=training.without_autotune_thread(val_ds), initial_epoch=epoch,
-                      epochs=epoch + 1, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
-            seconds.append(time.perf_counter() - t)
+        quiet = Quiet()
+        clock = workers.Clock()
+        end = first_epoch + epochs
+        (_, _, data, _), = training.fit_calls(train_data, first_epoch, 0, end, steps)
+        callbacks = keras_workarounds.step_callbacks_class()(
+            [training.step_watcher_class()(quiet, steps, quiet, lambda *a: None, seed=cfg["seed"]),
+             keras_workarounds.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
+             training.decay_per_epoch(cfg["lr"], cfg["lr_decay"]), clock],
+            model=model, verbose=0, epochs=end, steps=steps)
+        model.fit(training.without_autotune_thread(data), validation_data=training.without_autotune_thread(val_ds),
+                  initial_epoch=first_epoch, epochs=end, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+                  verbose=0)
+        seconds += _epoch_seconds(clock.ends)
 
     sides = {"plain model.fit": plain, "engine loop": engine}
     models = {name: build() for name in sides}
@@ -382,35 +382,39 @@ def _phases(args, suite, shared, tmp: Path) -> None:
     from dlcli.engine.progress import Reporter
     from dlcli.runs.run import BackupWriter, PendingBackup
 
-    epochs: list[dict] = []
+    epochs: list[dict] = []  # a row an epoch, begun at its on_epoch_begin
+    calls: list[dict] = []  # a row a `model.fit` call
     now = time.perf_counter
 
     def timed(owner, name, key, per_callback=False):
         original = getattr(owner, name)
 
         def wrapper(self, *a, **k):
-            if key == "fit":
+            if key == "epoch_begin":
                 epochs.append({})
             if per_callback:
                 epoch_args = a[:-1] if name == "on_epoch_end" else ()
                 logs = pythonify_logs(a[-1] if name == "on_epoch_end" else k.get("logs"))
                 t0 = now()
+                row = epochs[-1]
                 for callback in self.callbacks:  # as Keras's list does, each callback timed
                     t = now()
                     getattr(callback, name)(*epoch_args, logs)
-                    row = epochs[-1]
                     action = getattr(callback, "action", None)  # an `after_each_epoch` extra: its function
                     label = f"{key}: {getattr(action, '__name__', None) or type(callback).__name__}"
                     row[label] = row.get(label, 0.0) + now() - t
                 if name == "on_train_end":
                     self._on_end()
-                epochs[-1][key + "_at"] = (t0, now())
+                row[key + "_at"] = (t0, now())
                 return None
             t = now()
             result = original(self, *a, **k)
-            if epochs:
-                epochs[-1][key] = epochs[-1].get(key, 0.0) + now() - t
-                epochs[-1][key + "_at"] = (t, now())
+            rows = calls if key == "fit" else epochs
+            if key == "fit":
+                calls.append({})
+            if rows:
+                rows[-1][key] = rows[-1].get(key, 0.0) + now() - t
+                rows[-1][key + "_at"] = (t, now())
             return result
 
         setattr(owner, name, wrapper)
@@ -438,22 +442,8 @@ def _phases(args, suite, shared, tmp: Path) -> None:
     timed(Reporter, "end_epoch", "epoch line")
     from dlcli.engine import training
 
-    def timed_function(owner, name, key):
-        original = getattr(owner, name)
-
-        def wrapper(*a, **k):
-            t = now()
-            try:
-                return original(*a, **k)
-            finally:
-                if epochs:
-                    epochs[-1][key] = epochs[-1].get(key, 0.0) + now() - t
-
-        setattr(owner, name, wrapper)
-        return original
-
-    timed_function(training, "reseed_model", "loop: reseeding")
     engine_fit = training.fit
+    made: list[float] = []
 
     def fit(ctx, build_model, train_data, *a, **k):
         def data(epoch):
@@ -461,37 +451,35 @@ def _phases(args, suite, shared, tmp: Path) -> None:
             try:
                 return train_data(epoch)
             finally:
-                if epochs:
-                    epochs[-1]["loop: the task's train_data(epoch)"] = now() - t
+                made.append(now() - t)
 
         return engine_fit(ctx, build_model, data, *a, **k)
 
     training.fit = fit
     flags = {k: v for k, v in spec.items() if k not in ("epochs", "dataset")}
+    started = now()
     dlcli.train(args.task, runs_dir=tmp / "runs", run="phases", dataset=spec["dataset"], epochs=spec["epochs"],
                 sets=[f"{k}={v}" for k, v in flags.items()])  # as run.py's `dlcli_train` passes them
+    print(f"{len(calls)} model.fit call(s) for {len(epochs)} epochs; the task's train_data(epoch), "
+          f"{len(made)} calls: {sum(made):.3f} s in all; the whole train {now() - started:.2f} s")
+    for call in calls:
+        print(f"fit call: {call['fit']:.3f} s", flush=True)
     for i, row in enumerate(epochs):
-        fit_call, fit_return = row["fit_at"]
-        begin = row["train_begin_at"][0]
+        begin = row["epoch_begin_at"][0]
         steps_end = row.get("test_begin_at", (None,))[0]
-        line_end = row["epoch line_at"][1] if "epoch line_at" in row else None
-        parts = {"fit set-up": begin - fit_call}
+        parts = {}
         if steps_end is not None:
             parts["steps"] = steps_end - row["epoch_begin_at"][1]
             parts["validation"] = row["test_end_at"][1] - steps_end
         elif "epoch end_at" in row:
             parts["steps"] = row["epoch end_at"][0] - row["epoch_begin_at"][1]
-        parts.update({k: v for k, v in row.items() if k.startswith("epoch end:") or k.startswith("train end:")})
-        ends = sum(v for k, v in row.items() if k.startswith("train end:"))
-        parts["fit tear-down"] = fit_return - row["epoch end_at"][1] - ends if "epoch end_at" in row else None
-        if line_end is not None:
-            parts["after fit, to the epoch's line"] = line_end - fit_return
-            parts.update({k: row[k] for k in ("checkpoint", "epoch line") if k in row})
-            if i + 1 < len(epochs):
-                parts["loop until the next fit"] = epochs[i + 1]["fit_at"][0] - line_end
-                parts.update({k: v for k, v in epochs[i + 1].items() if k.startswith("loop:")})
-        total = (epochs[i + 1]["fit_at"][0] - fit_call) if i + 1 < len(epochs) else None
-        print(f"epoch {i + 1}" + (f": {total:.3f} s from its fit call to the next" if total else "") + "; "
+        parts.update({k: v for k, v in row.items() if k.startswith("epoch end:")})
+        parts.update({k: row[k] for k in ("checkpoint", "epoch line") if k in row})
+        following = epochs[i + 1]["epoch_begin_at"][0] if i + 1 < len(epochs) else None
+        if following is not None and "epoch end_at" in row:
+            parts["until the next epoch begins"] = following - row["epoch end_at"][1]
+        total = following - begin if following is not None else None
+        print(f"epoch {i + 1}" + (f": {total:.3f} s from its begin to the next's" if total else "") + "; "
               + ", ".join(f"{k} {v:.3f}" for k, v in parts.items() if v is not None and v >= 0.0005), flush=True)
     print("checkpoints finished in the writer's thread: " + ", ".join(f"{s:.3f}" for s in written) + " s")
 

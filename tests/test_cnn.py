@@ -353,3 +353,18 @@ def test_lookahead_sgd_averages_the_weights_and_keeps_the_average_in_its_checkpo
     assert type(resumed.optimizer).__name__ == "LookaheadSGD"
     _train_steps(resumed, x, y, 25, 30, per_epoch=10, total=40)
     np.testing.assert_allclose(np.asarray(resumed.get_layer("dense").kernel), np.asarray(kernel), atol=1e-6)
+
+
+def test_ema_replaces_the_weights_at_each_epochs_end_before_its_checkpoint(cli, root, folder):
+    """With `ema`, every epoch's checkpoint holds weights equal to their moving average (the
+    first epoch's too, not only the run's end)."""
+    from dlcli.engine import keras_workarounds, training
+
+    cli("train", "cnn", "--dataset", f"folder:{folder}", "--epochs", "2", "--batch-size", "8", "--width", "8",
+        "--val-size", "0", "--set", "ema=0.5", "--set", "lookahead=0", "--run", "avg", "--quiet")
+    first = training.load_model(root / "cnn" / "avg" / "backup" / "epoch-0001" / "model.keras")
+    averages = keras_workarounds.ema_averages(first.optimizer)
+    weights = first.trainable_weights
+    assert len(averages) == len(weights) and int(first.optimizer.iterations.numpy()) == 5  # 36 images, 8 a batch
+    for weight, average in zip(weights, averages):
+        np.testing.assert_allclose(np.asarray(weight), np.asarray(average), rtol=1e-6, atol=1e-7)

@@ -47,22 +47,51 @@ def test_without_autotune_thread_keeps_the_elements_and_turns_the_autotuner_off(
     assert training.without_autotune_thread(arrays) is arrays  # only tf.data data sets change
 
 
-def test_fit_hands_keras_every_epoch_without_the_autotune_thread(cli, minimal, monkeypatch):
-    """Deleting an autotuned iterator waits out the autotuner's sleep (up to a minute), once
-    an epoch: fit must give model.fit data sets whose autotuner is off."""
+def test_fit_trains_every_epoch_in_one_keras_call_without_the_autotune_thread(cli, minimal, monkeypatch):
+    """Deleting an autotuned iterator waits out the autotuner's sleep (up to a minute): fit must
+    give model.fit data sets whose autotuner is off, and one call for all epochs (a call of its
+    own an epoch costs its set-up every epoch)."""
     from tests import minimal_task
 
     seen = []
     original = keras.Model.fit
 
     def spy(self, x=None, *args, **kwargs):
-        seen.append(x.options().autotune.enabled)
+        seen.append((x.options().autotune.enabled, kwargs["initial_epoch"], kwargs["epochs"]))
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", spy)
     cli("train", "minimal", "--run", "quiet", "--quiet")
-    assert len(seen) == minimal_task.DEFAULTS["epochs"]
-    assert seen == [False] * len(seen)
+    assert seen == [(False, 0, minimal_task.DEFAULTS["epochs"])]
+
+
+def _epochs_of(calls):
+    return [(first, end, skipped, [b.tolist() for b in data.as_numpy_iterator()]) for first, end, data, skipped in calls]
+
+
+def test_fit_calls_join_the_epochs_data_in_order_and_train_a_resumed_epoch_alone():
+    def train_data(epoch):  # 2 batches an epoch, numbered by the epoch
+        return tf.data.Dataset.range(epoch * 10, epoch * 10 + 4).batch(2)
+
+    assert _epochs_of(training.fit_calls(train_data, 0, 0, 3, 2)) == [
+        (0, 3, 0, [[0, 1], [2, 3], [10, 11], [12, 13], [20, 21], [22, 23]])]
+    # resumed after one batch of epoch 2 (index 1): its other batch alone, then the rest together
+    assert _epochs_of(training.fit_calls(train_data, 1, 1, 4, 2)) == [
+        (1, 2, 1, [[12, 13]]), (2, 4, 0, [[20, 21], [22, 23], [30, 31], [32, 33]])]
+    assert list(training.fit_calls(train_data, 3, 0, 3, 2)) == []  # nothing left to train
+    (_, _, joined, _), = training.fit_calls(train_data, 0, 0, 3, 2)
+    # the graph rewrites would copy the arrays each epoch's piece captures, once a piece
+    assert joined.options().experimental_optimization.apply_default_optimizations is False
+
+
+def test_fit_calls_give_each_epoch_its_own_call_where_its_batches_are_not_steps():
+    def uneven(epoch):  # epoch 1 has 3 batches: joined, it would take a batch of epoch 2
+        return tf.data.Dataset.range(2 + epoch % 2).batch(1)
+
+    assert [(first, end) for first, end, _, _ in training.fit_calls(uneven, 0, 0, 3, 2)] == [(0, 1), (1, 2), (2, 3)]
+    unknown = lambda epoch: tf.data.Dataset.range(4).filter(lambda v: v >= 0).batch(2)  # noqa: E731
+    assert [(first, end) for first, end, _, _ in training.fit_calls(unknown, 0, 0, 2, 2)] == [(0, 1), (1, 2)]
+    assert [(first, end) for first, end, _, _ in training.fit_calls(unknown, 0, 0, 2, None)] == [(0, 1), (1, 2)]
 
 
 def _dense_model():

@@ -289,7 +289,7 @@ def build_model(cfg: dict, n_classes: int = 10, images: np.ndarray | None = None
     if default and images is not None and len(images):
         model.get_layer("stem").kernel.assign(whitening_kernel(images))
     if default:
-        ema = {"use_ema": True, "ema_momentum": cfg["ema"]} if cfg["ema"] > 0 else {}  # Keras's fit ends by writing it in
+        ema = {"use_ema": True, "ema_momentum": cfg["ema"]} if cfg["ema"] > 0 else {}  # written in by `schedule`
         sgd, lookahead = keras.optimizers.SGD, {}
         if cfg["lookahead"] > 0:
             sgd, lookahead = custom_objects()["LookaheadSGD"], {"start_epochs": cfg["lookahead"]}
@@ -317,7 +317,8 @@ def triangle(cfg: dict, progress: float) -> float:
 def schedule(cfg: dict, steps_per_epoch: int = 1):
     """The learning-rate callback of the model's recipe. The default model's rate moves
     every step, as a function of the optimizer's step count (saved in every checkpoint, so
-    a resumed run takes the rates of an uninterrupted one); the course's every epoch."""
+    a resumed run takes the rates of an uninterrupted one), and with `ema` the weights take
+    their moving average at each epoch's end; the course's rate moves every epoch."""
     if cfg["model"] == "course":
         return training.decay_per_epoch(cfg["lr"], cfg["lr_decay"])
     total = max(1, cfg["epochs"] * steps_per_epoch)
@@ -334,6 +335,10 @@ def schedule(cfg: dict, steps_per_epoch: int = 1):
         def on_train_batch_begin(self, batch, logs=None):
             self.model.optimizer.learning_rate.assign(triangle(cfg, self.step / total))
             self.step += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            if cfg["ema"] > 0:  # before the epoch's checkpoint, which then holds the average
+                self.model.optimizer.finalize_variable_values(self.model.trainable_weights)
 
     return StepRate()
 
