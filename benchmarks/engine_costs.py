@@ -15,7 +15,8 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         determinism, a model each, an epoch each in turn: seconds per epoch.
     python benchmarks/engine_costs.py loop --data DIR
         In one process, blocks of mnist epochs: plain `model.fit` on the arrays against the
-        engine's loop (one `fit` on the epochs' `array_epochs` data sets, reseeding, the step watcher,
+        engine's loop (`fit` calls on the epochs' `array_epochs` data sets as `training.fit_calls`
+        joins them, reseeding, the step watcher,
         TensorBoard, the rate schedule; no checkpoint): seconds per epoch each.
     python benchmarks/engine_costs.py autotune --data DIR
         In one process, a `model.fit` per mnist epoch on `array_epochs` data with tf.data's
@@ -196,18 +197,17 @@ def loop(args) -> None:
 
     def engine(model, seconds, first_epoch):
         quiet = Quiet()
-        clock = workers.Clock()
-        end = first_epoch + epochs
-        (_, _, data, _), = training.fit_calls(train_data, first_epoch, 0, end, steps)
-        callbacks = keras_workarounds.step_callbacks_class()(
-            [training.step_watcher_class()(quiet, steps, quiet, lambda *a: None, seed=cfg["seed"]),
-             keras_workarounds.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
-             training.decay_per_epoch(cfg["lr"], cfg["lr_decay"]), clock],
-            model=model, verbose=0, epochs=end, steps=steps)
-        model.fit(training.without_autotune_thread(data), validation_data=training.without_autotune_thread(val_ds),
-                  initial_epoch=first_epoch, epochs=end, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-                  verbose=0)
-        seconds += _epoch_seconds(clock.ends)
+        for first, end, data, _ in training.fit_calls(train_data, first_epoch, 0, first_epoch + epochs, steps):
+            clock = workers.Clock()
+            callbacks = keras_workarounds.step_callbacks_class()(
+                [training.step_watcher_class()(quiet, steps, quiet, lambda *a: None, seed=cfg["seed"]),
+                 keras_workarounds.epoch_tensorboard_class()(log_dir=logs, profile_batch=0),
+                 training.decay_per_epoch(cfg["lr"], cfg["lr_decay"]), clock],
+                model=model, verbose=0, epochs=end, steps=steps)
+            model.fit(training.without_autotune_thread(data), validation_data=training.without_autotune_thread(val_ds),
+                      initial_epoch=first, epochs=end, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+                      verbose=0)
+            seconds += _epoch_seconds(clock.ends)
 
     sides = {"plain model.fit": plain, "engine loop": engine}
     models = {name: build() for name in sides}

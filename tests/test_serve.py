@@ -282,19 +282,26 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(runs, files):
         assert not any("warning" in line for line in lines)
         port = int(lines[-1].strip().rsplit(":", 1)[1])
         body = json.dumps({"instances": [b64(files[0])]}).encode()
+        head = f"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+
+        def answer_of(sock) -> bytes:
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                    answer.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0]):
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            return answer
+
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(f"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                     + body[:10])
-        time.sleep(0.3)  # the request is in flight: its head read, its body on its way
+        sock.sendall(head + body)  # a whole request first: the server has taken up the connection
+        assert answer_of(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(head + body[:10])
+        time.sleep(0.3)  # the next request is in flight: its head read, its body on its way
         proc.send_signal(signal.SIGTERM)
         assert _refused_within(port, 20.0)  # no new connections once stopping (a busy machine takes a while)
         sock.sendall(body[10:])
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
-                answer.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0]):
-            chunk = sock.recv(65536)
-            assert chunk, answer
-            answer += chunk
+        answer = answer_of(sock)
         assert answer.startswith(b"HTTP/1.1 200")
         assert "digit" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["predictions"][0]
         assert proc.wait(timeout=30) == 0

@@ -79,9 +79,24 @@ def test_fit_calls_join_the_epochs_data_in_order_and_train_a_resumed_epoch_alone
     assert _epochs_of(training.fit_calls(train_data, 1, 1, 4, 2)) == [
         (1, 2, 1, [[12, 13]]), (2, 4, 0, [[20, 21], [22, 23], [30, 31], [32, 33]])]
     assert list(training.fit_calls(train_data, 3, 0, 3, 2)) == []  # nothing left to train
-    (_, _, joined, _), = training.fit_calls(train_data, 0, 0, 3, 2)
-    # the graph rewrites would copy the arrays each epoch's piece captures, once a piece
-    assert joined.options().experimental_optimization.apply_default_optimizations is False
+
+
+def test_fit_calls_join_no_more_epochs_than_their_graphs_budget(monkeypatch):
+    """Opening a joined data set copies every piece's captured arrays: a call joins at most
+    JOINED_GRAPH_BYTES of them."""
+    import numpy as np
+
+    pixels = tf.constant(np.zeros((1000, 256), np.float32))  # 1 MB, captured by every epoch's piece
+
+    def train_data(epoch):
+        return tf.data.Dataset.from_tensor_slices(pixels).batch(500)
+
+    size = training.graph_bytes(train_data(0))
+    assert size > pixels.numpy().nbytes
+    monkeypatch.setattr(training, "JOINED_GRAPH_BYTES", 2 * size)
+    assert [(first, end) for first, end, _, _ in training.fit_calls(train_data, 0, 0, 5, 2)] == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setattr(training, "JOINED_GRAPH_BYTES", size // 2)
+    assert [(first, end) for first, end, _, _ in training.fit_calls(train_data, 0, 0, 3, 2)] == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_fit_calls_give_each_epoch_its_own_call_where_its_batches_are_not_steps():

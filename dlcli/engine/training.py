@@ -1,7 +1,8 @@
 """The Keras training loop every Keras task shares, and what a task's `train` calls.
 
-`fit` runs all epochs in one `model.fit` call, as plain Keras does, and makes each epoch a
-checkpoint from a callback: after every epoch (and every `save_every_steps` steps, and on
+`fit` runs the epochs in as few `model.fit` calls as their data allow (`fit_calls`: all
+epochs in one call, as plain Keras does, where their data sets' graphs are small), and makes
+each epoch a checkpoint from a callback: after every epoch (and every `save_every_steps` steps, and on
 SIGINT/SIGTERM) it writes a checkpoint directory (model with optimizer state, the history so
 far) under `backup/`, renamed into place when complete, so a killed process leaves only
 complete checkpoints.
@@ -196,7 +197,7 @@ def step_watcher_class():
             return (self.bad_loss_at, self.bad_weights_at, self.stopped_at) != (None, None, None)
 
         def raise_if_stopped(self, run, epoch_done: int | None = None) -> None:
-            """After an epoch's `fit`: raise for a non-finite loss or weights or a mid-epoch stop;
+            """After a `fit` call: raise for a non-finite loss or weights or a mid-epoch stop;
             after the epoch's checkpoint (`epoch_done`), raise if a signal came during its last step."""
             if self.bad_loss_at is not None:
                 bad_epoch, step = self.bad_loss_at
@@ -279,17 +280,40 @@ def _concatenated(pieces: list):
     return _concatenated(pieces[:middle]).concatenate(_concatenated(pieces[middle:]))
 
 
+# How much of the epochs' data sets' graphs one `fit` call may hold (see `fit_calls`).
+JOINED_GRAPH_BYTES = 64 * 2**20
+
+
+def graph_bytes(data) -> int:
+    """The size of a data set's serialized graph: what each epoch's piece of a joined data set
+    copies (its captured arrays, mostly); a graph that cannot be serialized counts as huge."""
+    try:
+        serialize = keras_workarounds.private(data, "_as_serialized_graph", "fit_calls")
+        return len(serialize(external_state_policy=tf.data.experimental.ExternalStatePolicy.IGNORE).numpy())
+    except Exception:  # noqa: BLE001 - a graph tf.data cannot write out: never joined
+        return JOINED_GRAPH_BYTES + 1
+
+
 def fit_calls(train_data: Callable[[int], "tf.data.Dataset"], start: int, skip: int, epochs: int,
               steps: int | None):
     """The `model.fit` calls that train epochs `start` to `epochs`: (first epoch, end, data, batches skipped).
 
-    One call trains all the epochs, as plain Keras does: each `fit` call of its own costs its
-    set-up (the iterators, the validation data, the callbacks' begin and end), which on a
-    small data set's short epochs was a quarter of the time (caption: 0.1 s of 0.38 s). The
-    epochs' data sets (`train_data(epoch)`, a function of the epoch: resume-safe) come one
-    after another in one data set, each opened when the one before is done, and Keras keeps
-    one iterator across a call's epochs where it has `steps_per_epoch`. A run resumed inside an epoch trains that epoch's remaining batches in a call of its
-    own first (all epochs of a call have the same steps). Where an epoch's number of batches is
+    A call trains as many epochs as it can, as plain Keras does: a `fit` call an epoch costs
+    its set-up every epoch (the iterators, the validation data, the callbacks' begin and end),
+    a quarter of a short epoch's time (caption's 240 captions: 0.1 s of 0.38 s). The epochs'
+    data sets (`train_data(epoch)`, a function of the epoch: resume-safe) come one after
+    another in one data set, each opened when the one before is done, and Keras keeps one
+    iterator across a call's epochs where it has `steps_per_epoch`.
+
+    When the iterator opens, tf.data rewrites the data set's graph (its default rewrites, and
+    under op determinism, which a seed turns on, one that makes it deterministic): it writes
+    the graph out, and each epoch's piece takes its own copy of the arrays it captures.
+    cnn's 36 epochs over CIFAR-10's 150 MB took the process from 2 to 7 GB that way. So a call
+    joins at most `JOINED_GRAPH_BYTES` of pieces: every epoch of caption's or gan's small data
+    sets, one epoch at a time for CIFAR-10 or MNIST, whose long epochs pay little for their calls.
+
+    A run resumed inside an epoch trains that epoch's remaining batches in a call of its own
+    first (all epochs of a call have the same steps). Where an epoch's number of batches is
     unknown or is not `steps`, each epoch is a call of its own, so that no epoch takes
     another's batches.
     """
@@ -299,18 +323,21 @@ def fit_calls(train_data: Callable[[int], "tf.data.Dataset"], start: int, skip: 
         first += 1
     if first >= epochs:
         return
-    pieces = [(epoch, train_data(epoch)) for epoch in range(first, epochs)]
-    if steps is None or any(int(data.cardinality()) != steps for _, data in pieces):
-        for epoch, data in pieces:
-            yield epoch, epoch + 1, data, 0
-        return
-    # tf.data's default graph rewrites serialize the data set's graph when its iterator opens,
-    # and each epoch's pieces take their own copy of the arrays they capture: CIFAR-10's
-    # 150 MB, 36 times, took the training process from 1.5 to 7 GB. Without the rewrites
-    # nothing is copied; the pieces keep what parallelism they ask for themselves.
-    options = tf.data.Options()
-    options.experimental_optimization.apply_default_optimizations = False
-    yield first, epochs, _concatenated([data for _, data in pieces]).with_options(options), 0
+    data = train_data(first)
+    joined = 1
+    if steps is not None and int(data.cardinality()) == steps:
+        joined = max(1, JOINED_GRAPH_BYTES // max(1, graph_bytes(data)))
+    while first < epochs:
+        end = min(epochs, first + joined)
+        pieces = [data] + [train_data(epoch) for epoch in range(first + 1, end)]
+        if len(pieces) > 1 and any(int(piece.cardinality()) != steps for piece in pieces):
+            for epoch, piece in enumerate(pieces, first):
+                yield epoch, epoch + 1, piece, 0
+        else:
+            yield first, end, _concatenated(pieces), 0
+        first = end
+        if first < epochs:
+            data = train_data(first)
 
 
 @functools.cache

@@ -44,7 +44,7 @@ tfds = lazy_import("tensorflow_datasets")
 
 SIZE = 32
 DEFAULTS = {
-    **common_defaults(dataset="cifar10", epochs=32, batch_size=1024, lr=1.5),
+    **common_defaults(dataset="cifar10", epochs=36, batch_size=1024, lr=1.5),
     **training.keras_defaults(),
     "model": "default",
     "width": 48,  # filters of the default model's first block; 2x and 4x in the other two
