@@ -323,21 +323,18 @@ def fit_calls(train_data: Callable[[int], "tf.data.Dataset"], start: int, skip: 
         first += 1
     if first >= epochs:
         return
-    data = train_data(first)
+    probe = train_data(first)  # the first whole epoch's data: its size says how many epochs a call joins
     joined = 1
-    if steps is not None and int(data.cardinality()) == steps:
-        joined = max(1, JOINED_GRAPH_BYTES // max(1, graph_bytes(data)))
-    while first < epochs:
-        end = min(epochs, first + joined)
-        pieces = [data] + [train_data(epoch) for epoch in range(first + 1, end)]
+    if steps is not None and int(probe.cardinality()) == steps:
+        joined = max(1, JOINED_GRAPH_BYTES // max(1, graph_bytes(probe)))
+    for begin in range(first, epochs, joined):
+        end = min(epochs, begin + joined)
+        pieces = [probe if epoch == first else train_data(epoch) for epoch in range(begin, end)]
         if len(pieces) > 1 and any(int(piece.cardinality()) != steps for piece in pieces):
-            for epoch, piece in enumerate(pieces, first):
+            for epoch, piece in enumerate(pieces, begin):
                 yield epoch, epoch + 1, piece, 0
         else:
-            yield first, end, _concatenated(pieces), 0
-        first = end
-        if first < epochs:
-            data = train_data(first)
+            yield begin, end, _concatenated(pieces), 0
 
 
 @functools.cache
@@ -441,9 +438,8 @@ def fit(
                     backups.wait(raise_error=False)
                     raise_op_error(exc, ctx, watcher.epoch)
                 backups.wait()  # a stop or a NaN names (or removes) checkpoints: all of them in place
-                watcher.raise_if_stopped(run)
-                if stop.requested:  # a signal in an epoch's last step: that epoch is saved
-                    watcher.raise_if_stopped(run, epoch_done=checkpoint.epochs_done)
+                # a NaN or a mid-epoch stop; or a signal in an epoch's last step, once that epoch is saved
+                watcher.raise_if_stopped(run, epoch_done=checkpoint.epochs_done)
                 if model.stop_training:  # a task's callback ended training
                     break
         except BaseException:
