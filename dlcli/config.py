@@ -67,6 +67,7 @@ KEY_HELP: dict[str, str] = {
     "seed": "random seed: the same seed gives the same run",
     "jit_compile": "compile the model with XLA (slower on CPUs; try it on GPUs)",
     "save_every_steps": "also checkpoint every N training steps inside an epoch (0: at epoch ends only)",
+    "save_interval_seconds": "an epoch's end checkpoints once this many seconds have passed since the last checkpoint (0: every epoch; the last epoch always)",
     "strategy": "how to spread training: one device, all GPUs of the machine, or the TF_CONFIG cluster",
     "model": "which network to train",
     "lr_decay": "the learning rate is multiplied by this after every epoch",
@@ -129,6 +130,7 @@ COMMON_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _range(0, lo_open=True),
     "seed": (lambda v: v is None or 0 <= v < 2**31, ">= 0 and < 2^31"),
     "save_every_steps": _range(0, 10**9, note=" (0: save at epoch ends only)"),
+    "save_interval_seconds": _range(0, 10**9, note=" (0: every epoch)"),
     "val_size": _range(0, 10**9),  # cnn: 0 holds nothing out
     "val_fraction": _range(0, 1, lo_open=True, hi_open=True),
     "holdout": _range(0, 1, lo_open=True, hi_open=True),

@@ -8,7 +8,7 @@ one line naming the rule, not later with a traceback or a silently replaced view
 1. `TaskSpec.name` is the module's name, and the name of the task's run folder.
 2. `defaults` holds `common_defaults(...)` (dataset, data_dir, epochs, batch_size, lr,
    seed). A Keras task (its `model_file` ends in `.keras`) also holds
-   `training.keras_defaults()` (jit_compile, save_every_steps, strategy): the CLI reads
+   `training.keras_defaults()` (jit_compile, save_every_steps, save_interval_seconds, strategy): the CLI reads
    `cfg["strategy"]` to set up distribution before the task runs.
 3. Every Keras model a task saves is named `<task>_<variant>` (`mnist_cnn`): loading a
    checkpoint tells a model of another task apart by that prefix before Keras builds it
@@ -55,7 +55,7 @@ from dlcli.errors import TaskError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 COMMON_KEYS = ("dataset", "data_dir", "epochs", "batch_size", "lr", "seed")
-KERAS_KEYS = ("jit_compile", "save_every_steps", "strategy")
+KERAS_KEYS = ("jit_compile", "save_every_steps", "save_interval_seconds", "strategy")
 ROW_KEYS = ("input", "error", "text", "note")  # the prediction-row keys the CLI reads (rule 5)
 OPTION_TYPES = (int, float, str, bool)
 

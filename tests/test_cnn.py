@@ -361,7 +361,8 @@ def test_ema_replaces_the_weights_at_each_epochs_end_before_its_checkpoint(cli, 
     from dlcli.engine import keras_workarounds, training
 
     cli("train", "cnn", "--dataset", f"folder:{folder}", "--epochs", "2", "--batch-size", "8", "--width", "8",
-        "--val-size", "0", "--set", "ema=0.5", "--set", "lookahead=0", "--run", "avg", "--quiet")
+        "--val-size", "0", "--set", "ema=0.5", "--set", "lookahead=0", "--set", "save_interval_seconds=0",
+        "--run", "avg", "--quiet")
     first = training.load_model(root / "cnn" / "avg" / "backup" / "epoch-0001" / "model.keras")
     averages = keras_workarounds.ema_averages(first.optimizer)
     weights = first.trainable_weights

@@ -124,7 +124,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(cli, di
 
     monkeypatch.setattr(keras_workarounds, "model_snapshot", snapshot_until_disk_fills)
     result = cli("train", "mnist", "--dataset", f"npz:{digits_npz}", "--epochs", "3", "--set", "val_size=50",
-                 "--run", "full", expect=1)
+                 "--set", "save_interval_seconds=0", "--run", "full", expect=1)
     assert "no space left on the device" in result.stderr and "previous checkpoint is intact" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     backup = cli.root / "mnist" / "full" / "backup"

@@ -143,7 +143,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cli, tmp_path, root):
     data = tmp_path / "more.npz"
     np.savez(data, x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
     args = ["mnist", "--dataset", f"npz:{data}", "--epochs", "5", "--batch-size", "8",
-            "--set", "val_size=50", "--runs-dir", str(root), "--quiet"]
+            "--set", "val_size=50", "--set", "save_interval_seconds=0", "--runs-dir", str(root), "--quiet"]
     cli.runner.invoke(__import__("dlcli.cli").cli.app, ["train", *args, "--run", "straight"])
     proc = subprocess.Popen([sys.executable, "-m", "dlcli", "train", *args, "--run", "killed"])
     backup = root / "mnist" / "killed" / "backup"

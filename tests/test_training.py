@@ -178,3 +178,72 @@ def test_a_checkpoint_failing_in_its_thread_is_the_run_error_of_the_next_wait(tm
     writer.save(2, [], training.CheckpointState().files(model))
     writer.wait()
     assert run.latest_backup().name == "epoch-0002"
+
+
+class _Watcher:
+    """What EpochCheckpoint reads of the StepWatcher: whether the epoch was cut short, and the signal."""
+
+    def __init__(self):
+        self.cut_short = False
+        self.stop = type("Stop", (), {"requested": False})()
+
+
+def _epoch_checkpoint(interval: float, last_epoch: int, seconds_per_epoch: float = 4.0):
+    """An EpochCheckpoint on a clock that moves `seconds_per_epoch` an epoch: (callback, saved
+    epochs, a function that ends an epoch)."""
+    clock = {"now": 0.0, "taken": 0.0}
+    saved = []
+
+    def end(epoch, logs, save):
+        if save:
+            saved.append(epoch + 1)
+            clock["taken"] = clock["now"]
+
+    callback = training.epoch_checkpoint_class()(_Watcher(), end, last_epoch, interval,
+                                                  lambda: clock["now"] - clock["taken"])
+    model = keras.Sequential()
+    model.stop_training = False  # as `fit` sets it
+    callback.set_model(model)
+
+    def epoch_ends(epoch):
+        clock["now"] += seconds_per_epoch
+        callback.on_epoch_end(epoch, {"loss": 1.0})
+
+    return callback, saved, epoch_ends
+
+
+def test_epoch_checkpoints_wait_for_their_interval_and_the_last_epoch_always_saves():
+    _, saved, epoch_ends = _epoch_checkpoint(interval=10, last_epoch=8)
+    for epoch in range(8):
+        epoch_ends(epoch)
+    assert saved == [3, 6, 8]  # 12 s after the start, 12 s after epoch 3, and the last
+    _, every, epoch_ends = _epoch_checkpoint(interval=0, last_epoch=4)
+    for epoch in range(4):
+        epoch_ends(epoch)
+    assert every == [1, 2, 3, 4]
+
+
+def test_a_signal_or_a_task_ending_training_saves_the_epoch_before_its_interval():
+    callback, saved, epoch_ends = _epoch_checkpoint(interval=1000, last_epoch=10)
+    epoch_ends(0)
+    callback.model.stop_training = True  # a task's callback, earlier in the list, ends training
+    epoch_ends(1)
+    callback.model.stop_training = False
+    callback.watcher.stop.requested = True  # SIGTERM during epoch 3's last step
+    epoch_ends(2)
+    assert saved == [2, 3] and callback.model.stop_training and callback.epochs_done == 3
+    callback.watcher.cut_short = True  # a NaN or a mid-epoch stop: the watcher saves (or refuses), not this
+    epoch_ends(3)
+    assert saved == [2, 3] and callback.epochs_done == 3
+
+
+def test_a_run_of_short_epochs_checkpoints_its_last_epoch_and_writes_every_history_row(cli, minimal, root):
+    import csv
+
+    cli("train", "minimal", "--run", "short", "--quiet")  # three epochs of milliseconds, 30 s apart at least
+    run = root / "minimal" / "short"
+    assert [p.name for p in (run / "backup").iterdir()] == ["epoch-0003"]
+    with open(run / "history.csv") as fh:
+        assert [row["epoch"] for row in csv.DictReader(fh)] == ["1", "2", "3"]
+    cli("train", "minimal", "--run", "every", "--set", "save_interval_seconds=0", "--quiet")
+    assert sorted(p.name for p in (root / "minimal" / "every" / "backup").iterdir()) == ["epoch-0002", "epoch-0003"]

@@ -2,8 +2,9 @@
 
 `fit` runs the epochs in as few `model.fit` calls as their data allow (`fit_calls`: all
 epochs in one call, as plain Keras does, where their data sets' graphs are small), and makes
-each epoch a checkpoint from a callback: after every epoch (and every `save_every_steps` steps, and on
-SIGINT/SIGTERM) it writes a checkpoint directory (model with optimizer state, the history so
+checkpoints from a callback: at the end of an epoch once `save_interval_seconds` have passed
+since the last checkpoint, after the last epoch, every `save_every_steps` steps, and on
+SIGINT/SIGTERM, it writes a checkpoint directory (model with optimizer state, the history so
 far) under `backup/`, renamed into place when complete, so a killed process leaves only
 complete checkpoints.
 `--resume` loads the newest one and carries on. Each epoch's shuffle order and dropout
@@ -46,8 +47,11 @@ def keras_defaults() -> dict:
 
     jit_compile: XLA; off by default because on CPU it measured about 6x slower here.
     save_every_steps: also checkpoint inside an epoch every N steps (0: at epoch ends only).
+    save_interval_seconds: an epoch's end checkpoints once this long has passed since the
+        last checkpoint (0: every epoch). Epochs of a few seconds would otherwise spend a
+        tenth of their time on checkpoints; a crash loses at most this much training.
     """
-    return {"jit_compile": False, "save_every_steps": 0, "strategy": "default"}
+    return {"jit_compile": False, "save_every_steps": 0, "save_interval_seconds": 30.0, "strategy": "default"}
 
 
 def array_epochs(x, y, batch_size: int, seed: int | None, x_map=None):
@@ -342,20 +346,30 @@ def epoch_checkpoint_class():
     """The EpochCheckpoint callback class, defined on first use."""
 
     class EpochCheckpoint(keras.callbacks.Callback):
-        """Saves each epoch: `save(epoch, logs)` after every epoch that trained all its steps
-        with finite logs and weights (the StepWatcher's checks), last of the callbacks, so
-        that the per-epoch extras' figures are in the epoch's history row. A signal that came
-        during the epoch's last step stops training once the epoch is saved."""
+        """Ends each epoch that trained all its steps with finite logs and weights (the
+        StepWatcher's checks): `end(epoch, logs, save)` records the epoch, and checkpoints it
+        where `save` is true. That is once `interval` seconds have passed since the last
+        checkpoint was taken (`seconds_since_save()`; 0: every epoch), and always for the
+        run's last epoch (`last_epoch`), when a signal came during the epoch's last step
+        (which then stops training) or when a task's callback ends training. It comes last
+        of the callbacks, so that the per-epoch extras' figures are in the epoch's history row.
 
-        def __init__(self, watcher, save: Callable[[int, dict], None]):
+        Example: an epoch of 3 s with `interval=30` checkpoints every tenth epoch or so; an
+        epoch of a minute checkpoints every epoch."""
+
+        def __init__(self, watcher, end: Callable[[int, dict, bool], None], last_epoch: int,
+                     interval: float = 0, seconds_since_save: Callable[[], float] = lambda: 0.0):
             super().__init__()
-            self.watcher, self.save = watcher, save
+            self.watcher, self.end, self.last_epoch = watcher, end, last_epoch
+            self.interval, self.seconds_since_save = interval, seconds_since_save
             self.epochs_done: int | None = None
 
         def on_epoch_end(self, epoch, logs=None):
             if self.watcher.cut_short:
                 return
-            self.save(epoch, {k: float(v) for k, v in (logs or {}).items()})
+            save = (self.interval <= 0 or epoch + 1 >= self.last_epoch or self.watcher.stop.requested
+                    or self.model.stop_training or self.seconds_since_save() >= self.interval)
+            self.end(epoch, {k: float(v) for k, v in (logs or {}).items()}, save)
             self.epochs_done = epoch + 1
             if self.watcher.stop.requested:
                 self.model.stop_training = True
@@ -407,14 +421,17 @@ def fit(
         watcher = step_watcher_class()(reporter, steps_per_epoch, stop, save_mid_epoch, cfg.get("save_every_steps", 0),
                                        backups, seed)
 
-        def save_epoch(epoch: int, logs: dict) -> None:
+        def end_epoch(epoch: int, logs: dict, save: bool) -> None:
             history.append({"epoch": epoch + 1, **logs})
-            rows = list(history)
-            backups.save(epoch + 1, history, state.files(model), extra=soundness(logs.get("loss"), watcher.extent),
-                         then=lambda rows=rows: run.write_history(rows))
+            if save:
+                rows = list(history)
+                backups.save(epoch + 1, history, state.files(model), extra=soundness(logs.get("loss"), watcher.extent),
+                             then=lambda rows=rows: run.write_history(rows))
             reporter.end_epoch(epoch, logs)
 
-        checkpoint = epoch_checkpoint_class()(watcher, save_epoch)
+        # The workers of a cluster save the same epochs, so their clocks do not decide.
+        interval = cfg.get("save_interval_seconds", 0) if ctx.strategy is None else 0
+        checkpoint = epoch_checkpoint_class()(watcher, end_epoch, epochs, interval, backups.seconds_since_save)
         try:
             for first, end, data, skipped in fit_calls(train_data, start, skip, epochs, steps_per_epoch):
                 if skipped:

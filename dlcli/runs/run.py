@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -453,6 +454,7 @@ class BackupWriter:
         self.run = run
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._taken = time.monotonic()  # when the last checkpoint was taken (at first: when training began)
 
     def save(self, epochs_done: int, history: list[dict], files: dict, steps_done: int = 0,
              extra: dict | None = None, then: Callable[[], Any] | None = None) -> None:
@@ -460,6 +462,7 @@ class BackupWriter:
         then `then` (history.csv, written after its checkpoint is in place)."""
         self.wait()
         pending = self.run.take_backup(epochs_done, history, files, steps_done, extra)
+        self._taken = time.monotonic()
 
         def finish():
             try:
@@ -480,6 +483,10 @@ class BackupWriter:
         error, self._error = self._error, None
         if error is not None and raise_error:
             raise error
+
+    def seconds_since_save(self) -> float:
+        """Seconds since the last checkpoint was taken, or since this writer was made."""
+        return time.monotonic() - self._taken
 
     def check(self) -> None:
         """Raise the failure of a checkpoint that has finished, without waiting for one that has not."""
