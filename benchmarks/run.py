@@ -91,10 +91,11 @@ def train_specs(tmp: Path, shared: Path | None, quick: bool, epochs: int) -> dic
     folder = datasets.image_folder(tmp, "cifar", shared / "cifar10" if shared else None, n + 256, 100)
     specs["cnn"] = {"flags": {"dataset": f"folder:{folder}", "epochs": epochs, "val_size": 256}}
     # finetune also in --quick: its predict and cold-start rows need a trained model. Timed:
-    # phase 2's epochs after its first (see timed_after), so one phase-1 epoch and three in all.
+    # phase 2's epochs after its first (see timed_after): three of its epochs of 100 photos (one in --quick),
+    # whose median a single epoch's noise (or the last epoch's checkpoint) does not decide.
     flowers = datasets.image_folder(tmp, "flowers", shared / "flowers" if shared else None, 100, 25,
                                     size=256, splits=("train", "val"))
-    specs["finetune"] = {"flags": {"dataset": f"folder:{flowers}", "epochs": 3, "head_epochs": 1,
+    specs["finetune"] = {"flags": {"dataset": f"folder:{flowers}", "epochs": 3 if quick else 5, "head_epochs": 1,
                                    "weights": "none"}}
     if not quick:
         faces = datasets.faces_folder(tmp, shared, 600)
