@@ -261,12 +261,13 @@ def _until_serving(proc) -> list[str]:
 
 def _refused_within(port: int, seconds: float) -> bool:
     """Whether connecting to `port` is refused before `seconds` pass (a connection that still
-    gets in is closed at once, so it holds nothing up)."""
+    gets in is closed at once, so it holds nothing up; one that the closing listener resets, with
+    its handshake done but never accepted, is refused too)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return True
         time.sleep(0.1)
     return False
