@@ -32,7 +32,7 @@ sides of one suspect next to each other, interleaved, so that drift hits both al
         Prints whether the CPU has AMX and what `auto` picks.
     python benchmarks/engine_costs.py save
         The checkpoint: `model.save` (model and optimizer) and fsync of the autoencoder and
-        mnist models, as `Run.save_backup` writes them after every epoch.
+        mnist models, as `Run.save_backup` writes them at each checkpoint.
     python benchmarks/engine_costs.py phases --task TASK --data DIR
         One `dlcli train TASK` in this process on the suite's benchmark data (`run.py`'s
         `train_specs`; `--size realistic` for the full data sets), each phase of every epoch

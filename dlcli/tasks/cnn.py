@@ -578,13 +578,15 @@ def view_stimuli(ctx: Context) -> Path:
         tiles.append(for_display(image))
         titles.append(f"{layer.name} #{f}")
 
-    # A class's score is its logit: the input of the last (softmax) layer times its weights.
+    # A class's score is its logit: the input of the last (softmax) layer times its weights, in
+    # the weights' float32 (a bfloat16 model's features are cast up to meet them).
     head = model.layers[-1]
     penultimate = keras.Model(model.inputs, head.input)
     for c, name in enumerate(classes):
         bias = head.bias[c] if head.use_bias else 0.0
         image = gradient_ascent(
-            lambda img: tf.reduce_mean(tf.matmul(penultimate(img, training=False), head.kernel[:, c:c + 1]) + bias),
+            lambda img: tf.reduce_mean(tf.matmul(tf.cast(penultimate(img, training=False), head.kernel.dtype),
+                                                 head.kernel[:, c:c + 1]) + bias),
             ctx.options["class_steps"], 0.1, 0.001, seed)
         tiles.append(for_display(image))
         titles.append(f"class {name}")
