@@ -254,6 +254,23 @@ def test_train_eval_predict_and_every_view(cli, root, folder, tmp_path):
     assert "--layer" in wrong.stderr
 
 
+def test_the_class_stimuli_of_a_bfloat16_model_meet_its_float32_weights_in_float32(cli, folder, monkeypatch):
+    """TensorFlow multiplies a bfloat16 tensor by a float32 one through its deprecated
+    `sparse_matmul`, which prints a warning; the class scores cast the features up first."""
+    from tensorflow.python.ops import math_ops
+
+    cli.json("train", "cnn", "--dataset", f"folder:{folder}", "--epochs", "1", "--batch-size", "8", "--width", "8",
+             "--val-size", "6", "--run", "bf16", "--set", "precision=mixed_bfloat16")
+
+    def mixed_matmul(*args, **kwargs):
+        raise AssertionError("a bfloat16 tensor met a float32 one in tf.matmul")
+
+    monkeypatch.setattr(math_ops, "sparse_matmul", mixed_matmul)
+    shown = cli.json("visualize", "cnn-stimuli", "--run", "bf16", "--filters", "0", "--class-steps", "2",
+                     "--filter-steps", "1")
+    assert_drawn(Path(shown["path"]))
+
+
 def test_eval_on_other_data_uses_all_of_a_folder_without_a_test_split(cli, folder, tmp_path):
     """A folder with only train/ is evaluated whole, its two classes matched to the run's
     three by name."""
