@@ -110,9 +110,9 @@ def train_specs(tmp: Path, shared: Path | None, quick: bool, epochs: int) -> dic
 
 # The realistic section: each task on its shared data set at full size, with the task's own
 # defaults for everything else (its validation split, KID samples, cached views), a warm-up
-# epoch and then timed epochs: one for gan's long ones, two or three for the others (names's
-# short epochs wander by a fifth, so it takes three; finetune: its head epoch, the boundary
-# epoch, three timed).
+# epoch and then timed epochs: one for cnn's and gan's long ones, two or three for the others
+# (names's short epochs wander by a fifth, so it takes three; finetune: its head epoch, the
+# boundary epoch, three timed).
 REALISTIC = {  # task -> (data set under the shared folder, epochs, config overrides)
     "mnist": ("npz:mnist/mnist.npz", 3, {}),
     "names": ("text:names/ssa_names.txt", 4, {"samples": 16}),

@@ -187,8 +187,7 @@ def sound_backup(run) -> tuple[Path | None, list[Path]]:
     """(the newest sound checkpoint, the newer unsound ones). Sound: its largest trainable
     weight within WEIGHT_BOUND and its loss within LOSS_FACTOR of the run's best (what it
     does not record is not held against it)."""
-    backups = sorted(d for d in run.backup_dir.glob("epoch-*") if (d / "state.json").exists()) \
-        if run.backup_dir.is_dir() else []
+    backups = run.complete_backups()
     states = {}
     for backup in backups:
         try:

@@ -309,15 +309,20 @@ class Run:
 
     # -- per-epoch checkpoints for --resume ----------------------------------------------
 
-    def latest_backup(self) -> Path | None:
-        """The newest complete checkpoint directory under backup/, if any.
+    def complete_backups(self) -> list[Path]:
+        """The complete checkpoint directories under backup/ (each with its state.json), oldest
+        first.
 
         Names sort in training order: epoch-0003 (3 epochs done) < epoch-0003-step-000100
         (and 100 steps of the 4th) < epoch-0004.
         """
         if not self.backup_dir.is_dir():
-            return None
-        done = sorted(d for d in self.backup_dir.glob("epoch-*") if (d / "state.json").exists())
+            return []
+        return sorted(d for d in self.backup_dir.glob("epoch-*") if (d / "state.json").exists())
+
+    def latest_backup(self) -> Path | None:
+        """The newest complete checkpoint directory under backup/, if any."""
+        done = self.complete_backups()
         return done[-1] if done else None
 
     def refuse_if_done(self, epochs_done: int, epochs: int) -> None:
